@@ -1,0 +1,25 @@
+"""Astra kernels: fused VQ encode, code packing and mixed-precision attention.
+
+Public ops (each validates its input and dispatches to the best backend here):
+:func:`vq_encode`, :func:`pack_codes`, :func:`unpack_codes`,
+:func:`mixed_attention`, :func:`merge_attention`. The plain-PyTorch ground truth is
+in :mod:`astra_kernels.reference`; :func:`backend_info` says which backend serves
+each op. This package knows nothing of models or networks.
+"""
+from . import ops  # noqa: F401  (declares torch.ops.astra.*)
+from ._backends import available as available_backends
+from ._backends import compiled_status, use_backend
+from ._backends import info as backend_info
+from ._backends import _load_C
+from .api import (merge_attention, mixed_attention, pack_codes, set_code_checks,
+                  unpack_codes, vq_encode)
+
+__version__ = "0.1.0"
+
+_load_C()
+
+__all__ = [
+    "vq_encode", "pack_codes", "unpack_codes", "mixed_attention", "merge_attention",
+    "set_code_checks", "backend_info", "available_backends", "use_backend",
+    "compiled_status", "__version__",
+]

@@ -1,0 +1,174 @@
+"""Which implementation serves each op on each device type.
+
+Backends, best first:
+- ``cpu``:  ``cpp`` (``astra_kernels._C``, OpenMP + ATen vectorization) -> ``reference``
+- ``cuda``: ``cuda`` (``_C`` built with CUDA) / ``triton`` -> ``reference``
+
+Overrides: ``ASTRA_BACKEND`` picks the CUDA backend (``triton|cuda|reference``),
+``ASTRA_CPU_BACKEND`` the CPU one (``cpp|reference``, or ``triton`` to run the Triton
+kernels in the interpreter, which needs ``TRITON_INTERPRET=1``). :func:`use_backend`
+changes the choice for a block of code.
+
+Loading never fails: a missing or incompatible ``_C`` is reported by one warning and
+the next backend serves.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from . import reference
+
+OPS = ("vq_encode", "pack_codes", "unpack_codes", "mixed_attention", "merge_attention")
+
+_C_ERROR: Optional[str] = None
+_C_LOADED = False
+
+
+def _load_C() -> bool:
+    """Import the compiled extension once; remember why it failed if it did."""
+    global _C_ERROR, _C_LOADED
+    if _C_LOADED or _C_ERROR is not None:
+        return _C_LOADED
+    if os.environ.get("ASTRA_DISABLE_C", "0") == "1":
+        _C_ERROR = "disabled by ASTRA_DISABLE_C=1"
+        return False
+    try:
+        importlib.import_module("astra_kernels._C")
+        _C_LOADED = hasattr(torch.ops, "astra_C") and hasattr(torch.ops.astra_C, "vq_encode")
+        if not _C_LOADED:
+            _C_ERROR = "astra_kernels._C imported but registered no ops"
+    except (ImportError, OSError) as e:  # missing, or built against another torch
+        _C_ERROR = f"{type(e).__name__}: {e}"
+    if not _C_LOADED:
+        warnings.warn(
+            f"astra_kernels: compiled kernels unavailable ({_C_ERROR}); falling back to "
+            "Triton/reference. Build them with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning, stacklevel=3)
+    return _C_LOADED
+
+
+def _c_has_cuda() -> bool:
+    return _load_C() and bool(torch.ops.astra_C.has_cuda())
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cpp_impl(op: str) -> Callable:
+    return getattr(torch.ops.astra_C, op).default
+
+
+def _triton_impl(op: str) -> Optional[Callable]:
+    from . import triton as triton_kernels  # imported lazily: it defines Triton kernels
+    return triton_kernels.IMPLS.get(op)
+
+
+def _ref_impl(op: str) -> Callable:
+    return getattr(reference, op)
+
+
+def available(device_type: str) -> List[str]:
+    """Backends that can serve ``device_type`` on this machine, best first."""
+    out: List[str] = []
+    if device_type == "cpu":
+        if _load_C():
+            out.append("cpp")
+        if os.environ.get("TRITON_INTERPRET") == "1" and _triton_available():
+            out.append("triton")
+    elif device_type == "cuda":
+        if _c_has_cuda():
+            out.append("cuda")
+        if _triton_available():
+            out.append("triton")
+    out.append("reference")
+    return out
+
+
+# Default order for CUDA tensors is set by the GPU benchmark (bench/RESULTS.md).
+_CUDA_PREFERENCE = ("triton", "cuda", "reference")
+_CPU_PREFERENCE = ("cpp", "reference")
+_override: Dict[str, str] = {}
+_cache: Dict[tuple, Callable] = {}
+
+
+def _requested(device_type: str) -> Optional[str]:
+    if device_type in _override:
+        return _override[device_type]
+    env = "ASTRA_BACKEND" if device_type == "cuda" else "ASTRA_CPU_BACKEND"
+    return os.environ.get(env) or None
+
+
+def backend_name(op: str, device_type: str) -> str:
+    """Name of the backend that serves ``op`` for tensors on ``device_type``."""
+    avail = available(device_type)
+    want = _requested(device_type)
+    if want is not None:
+        if want not in ("cpp", "cuda", "triton", "reference"):
+            raise ValueError(f"unknown Astra backend {want!r} for {device_type}")
+        if want not in avail:
+            raise RuntimeError(
+                f"Astra backend {want!r} was requested for {device_type} tensors but is "
+                f"not available here (available: {', '.join(avail)})")
+        if want == "triton" and _triton_impl(op) is None:
+            return "reference"
+        return want
+    pref = _CUDA_PREFERENCE if device_type == "cuda" else _CPU_PREFERENCE
+    for name in pref:
+        if name in avail and (name != "triton" or _triton_impl(op) is not None):
+            return name
+    return "reference"
+
+
+def impl(op: str, device_type: str) -> Callable:
+    """The callable that serves ``op`` on ``device_type`` now (cached per choice)."""
+    name = backend_name(op, device_type)
+    key = (op, name)
+    fn = _cache.get(key)
+    if fn is None:
+        if name in ("cpp", "cuda"):
+            fn = _cpp_impl(op)
+        elif name == "triton":
+            fn = _triton_impl(op)
+        else:
+            fn = _ref_impl(op)
+        _cache[key] = fn
+    return fn
+
+
+@contextlib.contextmanager
+def use_backend(name: str, device_type: str = "cpu") -> Iterator[None]:
+    """Serve every op on ``device_type`` with backend ``name`` inside the block."""
+    old = _override.get(device_type)
+    _override[device_type] = name
+    try:
+        backend_name(OPS[0], device_type)  # fail early if unavailable
+        yield
+    finally:
+        if old is None:
+            _override.pop(device_type, None)
+        else:
+            _override[device_type] = old
+
+
+def info() -> Dict[str, Dict[str, str]]:
+    """``{op: {device_type: backend}}`` for this machine; CUDA only if a GPU is visible."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {op: {dev: backend_name(op, dev) for dev in devices} for op in OPS}
+
+
+def compiled_status() -> str:
+    """One line on the compiled extension: loaded (with CUDA or not), or why not."""
+    if _load_C():
+        return "loaded (CPU" + (" + CUDA" if _c_has_cuda() else "") + ")"
+    return f"not loaded: {_C_ERROR}"

@@ -1,0 +1,279 @@
+"""The public op functions: validate, normalize, then call ``torch.ops.astra``.
+
+Every bad input raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong
+shape, value or device) with a message that names the argument, before any kernel
+runs: the fast paths never see malformed data.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.astra.*)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+PRECISIONS = ("fp32", "bf16")
+
+# Check that codes lie in range before the kernels read tables with them. On CUDA
+# this costs one device sync per call; callers that produce codes themselves
+# (the runner, k-means) may turn it off with ``set_code_checks(False)``: the kernels
+# then treat out-of-range codes as missing instead of reading out of bounds.
+_CHECK_CODES = True
+
+
+def set_code_checks(enabled: bool) -> None:
+    """Turn the range check on codes in :func:`mixed_attention` on or off."""
+    global _CHECK_CODES
+    _CHECK_CODES = bool(enabled)
+
+
+def _tensor(name: str, t, dtypes=None, ndim: Optional[int] = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; "
+                        f"expected one of: {names}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _same_device(**tensors: Optional[Tensor]) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for n, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n} is on {t.device} but {first_name} is on {first.device}; "
+                             "all tensors must be on one device")
+
+
+def _bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+    return bits
+
+
+def vq_encode(x: Tensor, codebooks: Tensor, *, precision: str = "fp32",
+              return_error: bool = False):
+    """Encode vectors by their nearest codeword in each group (squared L2).
+
+    Args:
+        x: ``[..., D]`` float32/float16/bfloat16.
+        codebooks: ``[G, K, D // G]`` float; group ``g`` of ``x`` (dims
+            ``g*D/G ... (g+1)*D/G - 1``) is matched against ``codebooks[g]``.
+        precision: ``"fp32"`` computes exact fp32 distances (agrees with faiss
+            ``IndexFlatL2`` up to exact ties); ``"bf16"`` may use bf16 products with
+            fp32 accumulation (faster where the CPU/GPU has bf16 units, near-exact).
+        return_error: also return the squared distance to the chosen codewords,
+            summed over groups, per vector (float32 ``[...]``).
+
+    Returns:
+        ``int32 [..., G]`` codes, ties to the lowest index; with ``return_error``,
+        ``(codes, err)``.
+    """
+    _tensor("x", x, FLOAT_DTYPES)
+    _tensor("codebooks", codebooks, FLOAT_DTYPES + (torch.float64,), ndim=3)
+    _same_device(x=x, codebooks=codebooks)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., D]")
+    G, K, dg = codebooks.shape
+    D = x.shape[-1]
+    if G < 1 or K < 1 or dg < 1:
+        raise ValueError(f"codebooks must be non-empty [G, K, D//G], got {tuple(codebooks.shape)}")
+    if G * dg != D:
+        if D % G != 0:
+            raise ValueError(f"G={G} groups do not divide x's last dim D={D}")
+        raise ValueError(f"codebooks' last dim is {dg} but D/G = {D}/{G} = {D // G}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, D).contiguous()
+    cb = codebooks.to(torch.float32).contiguous()
+    codes, err = torch.ops.astra.vq_encode(x2, cb, precision, return_error)
+    codes = codes.reshape(*lead, G)
+    if return_error:
+        return codes, err.reshape(lead)
+    return codes
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes into the wire format: exactly ``ceil(numel*bits/8)`` bytes.
+
+    Code ``i`` (in row-major order) occupies bits ``i*bits ... i*bits+bits-1`` of a
+    little-endian bit stream (least significant bit first). Codes must lie in
+    ``[0, 2**bits)``.
+    """
+    _tensor("codes", codes, INT_DTYPES)
+    bits = _bits(bits)
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= (1 << bits):
+            raise ValueError(f"codes must lie in [0, {1 << bits}) for bits={bits}, "
+                             f"got values in [{lo}, {hi}]")
+    return torch.ops.astra.pack_codes(codes.to(torch.int32).contiguous(), bits)
+
+
+def unpack_codes(payload: Tensor, shape: Sequence[int], bits: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: the ``int32`` codes of ``shape`` from ``payload``."""
+    _tensor("payload", payload, (torch.uint8,), ndim=1)
+    bits = _bits(bits)
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must be non-negative, got {shape}")
+    need = (math.prod(shape) * bits + 7) // 8
+    if payload.numel() != need:
+        raise ValueError(f"payload has {payload.numel()} bytes but shape {shape} at "
+                         f"{bits} bits needs exactly {need}")
+    return torch.ops.astra.unpack_codes(payload.contiguous(), list(shape), bits)
+
+
+def _positions(name: str, pos: Optional[Tensor], n: int, device) -> Tensor:
+    if pos is None:
+        return torch.arange(n, device=device, dtype=torch.int64)
+    _tensor(name, pos, INT_DTYPES, ndim=1)
+    if pos.shape[0] != n:
+        raise ValueError(f"{name} has {pos.shape[0]} entries but there are {n} such tokens")
+    return pos.to(torch.int64).contiguous()
+
+
+def mixed_attention(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor] = None,
+                    pk: Optional[Tensor] = None, pv: Optional[Tensor] = None, *,
+                    remote_k: Optional[Tensor] = None, remote_v: Optional[Tensor] = None,
+                    causal: bool = False, q_pos: Optional[Tensor] = None,
+                    kv_pos: Optional[Tensor] = None, remote_pos: Optional[Tensor] = None,
+                    scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """Attention of local queries over local keys (full precision) and remote keys.
+
+    Remote keys come either as codes into projected codebooks (remote key ``j`` is
+    ``sum_g pk[g, codes[b, j, g]]``, likewise values; fold any bias into group 0) or
+    already materialized.
+
+    Args:
+        q: ``[B, H, Tq, d]`` float32/float16/bfloat16.
+        k, v: ``[B, Hkv, Tl, d]`` local keys/values, ``H % Hkv == 0`` (GQA).
+        codes: ``[B, Tr, G]`` integer codes; ``-1`` in any group marks a missing
+            (lost) token, which is masked.
+        pk, pv: ``[G, K, Hkv, d]`` projected codebooks, q's dtype.
+        remote_k, remote_v: ``[B, Hkv, Tr, d]`` instead of codes.
+        causal: mask by global position: a key is visible when its position is
+            ``<=`` the query's. ``q_pos [Tq]``, ``kv_pos [Tl]``, ``remote_pos [Tr]``;
+            ``q_pos``/``kv_pos`` default to ``arange`` when ``Tq == Tl``.
+        scale: score scale, default ``1/sqrt(d)``.
+
+    Returns:
+        ``(out [B, H, Tq, d] in q's dtype, lse [B, H, Tq] float32)``, ``lse`` the
+        natural-log log-sum-exp of the scaled, masked scores. A query that sees no
+        key gets zeros and ``lse = -inf``.
+    """
+    _tensor("q", q, FLOAT_DTYPES, ndim=4)
+    _tensor("k", k, FLOAT_DTYPES, ndim=4)
+    _tensor("v", v, FLOAT_DTYPES, ndim=4)
+    B, H, Tq, d = q.shape
+    Bk, Hkv, Tl, dk = k.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    if Bk != B or dk != d:
+        raise ValueError(f"k has shape {tuple(k.shape)}; expected [B={B}, Hkv, Tl, d={d}]")
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"q's {H} heads are not a multiple of k's {Hkv} heads")
+    if codes is not None and (remote_k is not None or remote_v is not None):
+        raise ValueError("pass either codes (with pk, pv) or remote_k/remote_v, not both")
+    _same_device(q=q, k=k, v=v, codes=codes, pk=pk, pv=pv, remote_k=remote_k,
+                 remote_v=remote_v, q_pos=q_pos, kv_pos=kv_pos, remote_pos=remote_pos)
+
+    Tr = 0
+    if codes is not None:
+        _tensor("codes", codes, INT_DTYPES, ndim=3)
+        if pk is None or pv is None:
+            raise ValueError("codes need the projected codebooks pk and pv")
+        _tensor("pk", pk, FLOAT_DTYPES, ndim=4)
+        _tensor("pv", pv, FLOAT_DTYPES, ndim=4)
+        G, K = pk.shape[0], pk.shape[1]
+        if pk.shape[2:] != (Hkv, d):
+            raise ValueError(f"pk has shape {tuple(pk.shape)}; expected [G, K, Hkv={Hkv}, d={d}]")
+        if pv.shape != pk.shape:
+            raise ValueError(f"pv has shape {tuple(pv.shape)} but pk has {tuple(pk.shape)}")
+        for name, t in (("pk", pk), ("pv", pv)):
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if codes.shape[0] != B or codes.shape[2] != G:
+            raise ValueError(f"codes has shape {tuple(codes.shape)}; expected [B={B}, Tr, G={G}]")
+        if K < 1:
+            raise ValueError("pk has no codewords (K = 0)")
+        if _CHECK_CODES and codes.numel():
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < -1 or hi >= K:
+                raise ValueError(f"codes must lie in [-1, {K}) (K={K}; -1 = missing), "
+                                 f"got values in [{lo}, {hi}]")
+        Tr = codes.shape[1]
+        codes = codes.to(torch.int32).contiguous()
+        pk, pv = pk.contiguous(), pv.contiguous()
+    elif pk is not None or pv is not None:
+        raise ValueError("pk/pv were given without codes")
+    elif remote_k is not None or remote_v is not None:
+        if remote_k is None or remote_v is None:
+            raise ValueError("remote_k and remote_v must be given together")
+        _tensor("remote_k", remote_k, FLOAT_DTYPES, ndim=4)
+        _tensor("remote_v", remote_v, FLOAT_DTYPES, ndim=4)
+        for name, t in (("remote_k", remote_k), ("remote_v", remote_v)):
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if remote_k.shape[0] != B or remote_k.shape[1] != Hkv or remote_k.shape[3] != d:
+            raise ValueError(f"remote_k has shape {tuple(remote_k.shape)}; "
+                             f"expected [B={B}, Hkv={Hkv}, Tr, d={d}]")
+        if remote_v.shape != remote_k.shape:
+            raise ValueError(f"remote_v has shape {tuple(remote_v.shape)} but remote_k has "
+                             f"{tuple(remote_k.shape)}")
+        Tr = remote_k.shape[2]
+        remote_k, remote_v = remote_k.contiguous(), remote_v.contiguous()
+
+    if causal:
+        if (q_pos is None or kv_pos is None) and Tq != Tl:
+            raise ValueError(f"causal attention with Tq={Tq} != Tl={Tl} needs q_pos and kv_pos")
+        q_pos = _positions("q_pos", q_pos, Tq, q.device)
+        kv_pos = _positions("kv_pos", kv_pos, Tl, q.device)
+        if Tr and remote_pos is None:
+            raise ValueError("causal attention with remote tokens needs remote_pos")
+        remote_pos = _positions("remote_pos", remote_pos, Tr, q.device)
+    else:
+        q_pos = kv_pos = remote_pos = None
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    return torch.ops.astra.mixed_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), codes, pk, pv, remote_k, remote_v,
+        bool(causal), q_pos, kv_pos, remote_pos, float(scale))
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
+                    lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Exactly merge two partial attentions over disjoint key sets.
+
+    ``out_* [..., d]`` (one float dtype), ``lse_* [...]`` float32 as returned by
+    :func:`mixed_attention`. Returns ``(out, lse)`` as if attention had run over the
+    union of both key sets.
+    """
+    _tensor("out_a", out_a, FLOAT_DTYPES)
+    _tensor("out_b", out_b, FLOAT_DTYPES)
+    _tensor("lse_a", lse_a, (torch.float32,))
+    _tensor("lse_b", lse_b, (torch.float32,))
+    _same_device(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    if out_b.dtype != out_a.dtype:
+        raise TypeError(f"out_b has dtype {out_b.dtype} but out_a has {out_a.dtype}")
+    if out_b.shape != out_a.shape:
+        raise ValueError(f"out_b has shape {tuple(out_b.shape)} but out_a has {tuple(out_a.shape)}")
+    if out_a.dim() < 1 or lse_a.shape != out_a.shape[:-1]:
+        raise ValueError(f"lse_a has shape {tuple(lse_a.shape)}; expected {tuple(out_a.shape[:-1])}")
+    if lse_b.shape != lse_a.shape:
+        raise ValueError(f"lse_b has shape {tuple(lse_b.shape)} but lse_a has {tuple(lse_a.shape)}")
+    return torch.ops.astra.merge_attention(out_a.contiguous(), lse_a.contiguous(),
+                                           out_b.contiguous(), lse_b.contiguous())

@@ -1,0 +1,88 @@
+"""Every Astra op, declared in one place (torch.library namespace ``astra``).
+
+Each op has
+- a schema (below),
+- a fake kernel, so ``torch.compile`` and meta tensors trace it,
+- a CPU and a CUDA kernel that forward to the backend chosen in
+  :mod:`astra_kernels._backends` (compiled C++/CUDA, Triton, or the reference).
+
+The ops take inputs already validated and normalized by :mod:`astra_kernels.api`;
+call those wrappers (``astra_kernels.vq_encode`` ...) rather than ``torch.ops.astra``
+unless you know the inputs are well formed. The compiled kernels live under
+``torch.ops.astra_C`` with identical schemas.
+
+Kernel contract (what every backend may assume):
+- ``vq_encode``: ``x [M, D]`` contiguous float (fp32/fp16/bf16), ``codebooks [G, K, D/G]``
+  contiguous float32; returns ``int32 [M, G]`` and fp32 ``err [M]`` (empty unless asked).
+- ``pack_codes``: ``codes`` contiguous int32 in ``[0, 2**bits)``, ``1 <= bits <= 16``.
+- ``unpack_codes``: ``payload`` contiguous uint8 of exactly ``ceil(prod(shape)*bits/8)``.
+- ``mixed_attention``: ``q [B,H,Tq,d]``, ``k, v [B,Hkv,Tl,d]`` contiguous, one dtype;
+  either ``codes [B,Tr,G]`` int32 in ``[-1, K)`` with ``pk, pv [G,K,Hkv,d]`` (q's dtype),
+  or ``remote_k, remote_v [B,Hkv,Tr,d]``, or neither (Tr = 0); when ``causal`` all three
+  position tensors are given (int64); ``scale`` is given.
+- ``merge_attention``: ``out_* [..., d]`` one dtype, ``lse_* [...]`` float32, same shapes.
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import Library
+
+from . import _backends
+
+SCHEMAS = {
+    "vq_encode": "vq_encode(Tensor x, Tensor codebooks, str precision='fp32', "
+                 "bool return_error=False) -> (Tensor, Tensor)",
+    "pack_codes": "pack_codes(Tensor codes, int bits) -> Tensor",
+    "unpack_codes": "unpack_codes(Tensor payload, SymInt[] shape, int bits) -> Tensor",
+    "mixed_attention": "mixed_attention(Tensor q, Tensor k, Tensor v, Tensor? codes, "
+                       "Tensor? pk, Tensor? pv, Tensor? remote_k, Tensor? remote_v, "
+                       "bool causal=False, Tensor? q_pos=None, Tensor? kv_pos=None, "
+                       "Tensor? remote_pos=None, float? scale=None) -> (Tensor, Tensor)",
+    "merge_attention": "merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, "
+                       "Tensor lse_b) -> (Tensor, Tensor)",
+}
+
+_lib = Library("astra", "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+
+def _forwarder(op: str, device_type: str):
+    def kernel(*args):
+        return _backends.impl(op, device_type)(*args)
+    kernel.__name__ = f"{op}_{device_type}"
+    return kernel
+
+
+for _op in SCHEMAS:
+    for _key, _dev in (("CPU", "cpu"), ("CUDA", "cuda")):
+        _lib.impl(_op, _forwarder(_op, _dev), _key)
+
+
+@torch.library.register_fake("astra::vq_encode")
+def _vq_encode_fake(x, codebooks, precision="fp32", return_error=False):
+    M, G = x.shape[0], codebooks.shape[0]
+    err = x.new_empty((M,) if return_error else (0,), dtype=torch.float32)
+    return x.new_empty((M, G), dtype=torch.int32), err
+
+
+@torch.library.register_fake("astra::pack_codes")
+def _pack_codes_fake(codes, bits):
+    return codes.new_empty(((codes.numel() * bits + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("astra::unpack_codes")
+def _unpack_codes_fake(payload, shape, bits):
+    return payload.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("astra::mixed_attention")
+def _mixed_attention_fake(q, k, v, codes, pk, pv, remote_k, remote_v, causal=False,
+                          q_pos=None, kv_pos=None, remote_pos=None, scale=None):
+    B, H, Tq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.register_fake("astra::merge_attention")
+def _merge_attention_fake(out_a, lse_a, out_b, lse_b):
+    return torch.empty_like(out_a), torch.empty_like(lse_a)

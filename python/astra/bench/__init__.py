@@ -1,0 +1,1 @@
+"""Benchmarks behind `astra bench`: kernel microbenchmarks (and, later, end-to-end runs)."""
