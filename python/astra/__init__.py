@@ -7,3 +7,14 @@ devices' tokens through vector-quantized codes of their attention input
 import astra_kernels as kernels  # noqa: F401
 
 __version__ = kernels.__version__
+
+from .attention import AstraAttention, ChunkLayout, Communicator, chunk_layout  # noqa: E402
+from .codebooks import Codebooks, collect_activations  # noqa: E402
+from .models import supported_models  # noqa: E402
+from .patch import is_patched, patch, unpatch  # noqa: E402
+
+__all__ = [
+    "AstraAttention", "ChunkLayout", "Communicator", "chunk_layout", "Codebooks",
+    "collect_activations", "patch", "unpatch", "is_patched", "supported_models",
+    "kernels", "__version__",
+]

@@ -1,0 +1,598 @@
+"""``AstraAttention``: mixed-precision sequence-parallel attention, as a drop-in module.
+
+A sequence of T tokens is split into N contiguous chunks, one per (simulated) device,
+like ``torch.tensor_split`` (the first ``T % N`` chunks get one token more). The
+queries of chunk n attend to
+
+- the keys/values of chunk n at full precision (``K = X W_k + b_k``), and
+- the keys/values of every other chunk through vector-quantized copies of their
+  attention input: ``X̂`` is ``X`` with each of its G groups replaced by the nearest
+  codeword of this layer's codebook, and ``K̂ = X̂ W_k + b_k``, ``V̂ = X̂ W_v + b_v``
+  (equivalently ``K̂ = Σ_g P_k[g, c_g] + b_k`` with the projected tables of
+  :meth:`AstraAttention.projected_tables`).
+
+Modes
+-----
+*simulate* (no communicator): the module receives the whole sequence and emulates N
+devices. With autograd on, it uses plain differentiable torch ops: scores against the
+exact and the quantized keys are both computed and selected per (query chunk, key
+chunk) by a block mask, so gradients reach the weights and the codebook (the codes
+themselves are a non-differentiable argmin). Without autograd (``torch.no_grad()``,
+eval) it calls :func:`astra_kernels.mixed_attention` once per chunk with the codes and
+the projected tables; both paths compute the same function (tested).
+
+*distributed* (a :class:`Communicator` is given): the module receives only this rank's
+chunk, encodes it, exchanges codes with :meth:`Communicator.exchange` and attends to
+its own tokens at full precision and to the received ones through the codebook.
+
+Distributed class tokens (models with a [CLS] token, when ``distributed_cls``)
+----------------------------------------------------------------------------
+Each device keeps its own copy of the class token. Copy n is a query of device n like
+any of its tokens: it attends to itself and to device n's tokens at full precision and
+to the other devices' tokens through their codes. Device n's tokens see copy n (at full
+precision, it is a local key) and no other copy: copies are never encoded and never
+sent, so they cost no bandwidth. At the end of the layer stack the N copies are pooled
+by their mean (in simulate mode by :func:`astra.patch`'s hooks; in distributed mode this
+is the runner's job: one D-vector per device, once per sequence). In simulate mode the
+layers see the sequence ``[cls_0, ..., cls_{N-1}, t_1, ..., t_{T-1}]`` (``T + N - 1``
+tokens); the T-1 other tokens are split into N chunks. With ``distributed_cls=False``
+the one class token is an ordinary token of chunk 0 (encoded and sent like the others).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import astra_kernels
+
+__all__ = ["AstraAttention", "Communicator", "ChunkLayout", "chunk_layout"]
+
+# Projected tables pk/pv (2·G·K·Hkv·d elements) are built and cached per layer when
+# they fit this budget; larger ones are not built: the kernel path then gets remote
+# K/V projected from X̂ instead (the "plain path" of DESIGN.md).
+TABLE_BUDGET_ELEMS = 1 << 24
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What a distributed :class:`AstraAttention` needs from the runner.
+
+    ``exchange`` is a collective: every rank calls it once per layer and forward, in the
+    same order, with its local payload, and gets every rank's payload back (its own at
+    index ``rank``). The payload is ``int32 [B, T_r, G]`` codes (-1 = padding/missing)
+    when the layer has a codebook, else the float attention input ``[B, T_r, D]``
+    (full-precision sequence parallelism). ``T_r`` may differ between ranks; ranks are
+    in sequence order (rank r holds the r-th chunk).
+    """
+
+    rank: int
+    world_size: int
+
+    def exchange(self, layer_idx: int, local: Tensor) -> List[Tensor]: ...
+
+
+# ----------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Which simulated device owns each token of the sequence the layers see.
+
+    ``length`` tokens; the first ``copies`` are class-token copies (copy n belongs to
+    device n), the rest are split contiguously. ``orig_index[t]`` is the token's index
+    in the original sequence (copies map to 0), used for masks and causal positions.
+    """
+
+    devices: int
+    length: int
+    copies: int
+    owner: Tensor        # [length] long
+    is_copy: Tensor      # [length] bool
+    orig_index: Tensor   # [length] long
+    local_idx: Tuple[Tensor, ...]   # per device: its tokens (copy first), ascending
+    remote_idx: Tuple[Tensor, ...]  # per device: other devices' non-copy tokens
+
+    @property
+    def orig_length(self) -> int:
+        return self.length - max(self.copies - 1, 0)
+
+    def same_device(self) -> Tensor:
+        """``[length, length]`` bool: query and key on the same device."""
+        return self.owner.unsqueeze(1) == self.owner.unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=128)
+def _layout(orig_len: int, devices: int, cls_copies: bool, device: str) -> ChunkLayout:
+    content_start = 1 if cls_copies else 0
+    n_content = orig_len - content_start
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    if n_content < devices:
+        what = (f"{orig_len} tokens, {n_content} besides the class token" if cls_copies
+                else f"{orig_len} tokens")
+        raise ValueError(f"devices={devices} is larger than the sequence ({what}): every "
+                         "device needs at least one token")
+    copies = devices if cls_copies else 0
+    length = copies + n_content
+    chunks = torch.tensor_split(torch.arange(n_content), devices)
+    owner = torch.empty(length, dtype=torch.long)
+    owner[:copies] = torch.arange(copies)
+    orig = torch.empty(length, dtype=torch.long)
+    orig[:copies] = 0
+    orig[copies:] = torch.arange(n_content) + content_start
+    local, content = [], []
+    for n, c in enumerate(chunks):
+        idx = c + copies
+        owner[idx] = n
+        content.append(idx)
+        local.append(torch.cat([torch.tensor([n]), idx]) if copies else idx)
+    remote = [torch.cat([content[m] for m in range(devices) if m != n])
+              if devices > 1 else torch.empty(0, dtype=torch.long) for n in range(devices)]
+    is_copy = torch.zeros(length, dtype=torch.bool)
+    is_copy[:copies] = True
+    dev = torch.device(device)
+    return ChunkLayout(devices, length, copies, owner.to(dev), is_copy.to(dev), orig.to(dev),
+                       tuple(t.to(dev) for t in local), tuple(t.to(dev) for t in remote))
+
+
+def chunk_layout(orig_len: int, devices: int, cls_copies: bool = False,
+                 device="cpu") -> ChunkLayout:
+    """The :class:`ChunkLayout` of an ``orig_len``-token sequence over ``devices``.
+
+    Raises ``ValueError`` when a device would get no token.
+    """
+    return _layout(int(orig_len), int(devices), bool(cls_copies), str(torch.device(device)))
+
+
+# ------------------------------------------------------------------------------ masks
+
+def _mask_bias(mask: Optional[Tensor], dtype: torch.dtype,
+               layout: Optional[ChunkLayout]) -> Optional[Tensor]:
+    """An HF/timm attention mask as an additive 4-D bias ``[B|1, H|1, Tq, Tk]``.
+
+    Bool masks (True = attend) become 0 / dtype-min; float masks are additive already.
+    Dims of the original sequence length are re-indexed for class-token copies.
+    """
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        bias = bias.masked_fill(~mask, torch.finfo(dtype).min)
+    else:
+        bias = mask.to(dtype)
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    if layout is not None and layout.copies > 1:
+        T0 = layout.orig_length
+        for dim in (-2, -1):
+            if bias.shape[dim] == T0:
+                bias = bias.index_select(dim, layout.orig_index)
+    return bias
+
+
+def _key_padding(bias: Optional[Tensor], causal: bool, qpos: Tensor,
+                 kpos: Tensor) -> Tuple[bool, Optional[Tensor]]:
+    """Split an additive bias into a key-padding mask (what the kernel can express).
+
+    Returns ``(ok, valid [B, Tk] bool or None)``; ``ok`` is False when the bias says
+    more than "these keys are padding" (+ causal): the caller then uses the torch path.
+    """
+    if bias is None:
+        return True, None
+    lo = torch.finfo(bias.dtype).min / 2
+    allowed = bias > lo
+    if not bool(((bias == 0) | ~allowed).all()):
+        return False, None  # a real additive bias (ALiBi-like): not a padding mask
+    if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
+        return False, None
+    allowed = allowed[:, 0]  # [B|1, Tq|1, Tk]
+    B, Tq, Tk = allowed.shape
+    if Tq != qpos.numel() and Tq != 1:
+        return False, None
+    valid = allowed[:, -1, :] if causal else allowed.all(dim=1)
+    if Tq > 1:
+        same = allowed == valid.unsqueeze(1)
+        if causal:  # the module masks later keys itself: only the lower triangle counts
+            same = same | (kpos.unsqueeze(0) > qpos.unsqueeze(1)).unsqueeze(0)
+        # Rows of padding queries may be anything (HF may unmask them): check real rows.
+        if Tq == Tk:
+            same = same | ~valid.unsqueeze(-1)
+        if not bool(same.all()):
+            return False, None
+    return True, (None if bool(valid.all()) else valid)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _repeat_kv(t: Tensor, rep: int) -> Tensor:
+    return t if rep == 1 else t.repeat_interleave(rep, dim=1)
+
+
+def _softmax(scores: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+
+
+class AstraAttention(nn.Module):
+    """Self-attention that emulates (or runs) N devices joined by a VQ link.
+
+    A base class: one subclass per model family (:mod:`astra.models`) provides the
+    projections (:meth:`project_q`, :meth:`project_kv`, :meth:`kv_affine`), the output
+    (:meth:`output`) and a ``forward`` with the signature of the module it replaces,
+    and registers the original's submodules under their original names, so the
+    patched model's ``state_dict`` keys do not change. The codebook is a
+    non-persistent buffer (``codebook [G, K, D/G]``, or None: remote tokens then cross
+    at full precision).
+
+    Distributed class tokens (``distributed_cls``): copy n of the class token is a
+    query of device n; it sees itself and device n's tokens at full precision and the
+    other devices' tokens through their codes; device n's tokens see copy n only.
+    Copies are never encoded or sent; the patched model pools them (mean) after the
+    last block. In distributed mode local token 0 is this rank's copy and is not sent.
+
+    Set up by :func:`astra.patch` through :meth:`configure`.
+    """
+
+    def __init__(self, *, layer_idx: int, num_heads: int, head_dim: int, scale: float,
+                 causal: bool = False, num_kv_heads: Optional[int] = None,
+                 attn_dropout: float = 0.0):
+        super().__init__()
+        self.layer_idx = int(layer_idx)
+        self.num_heads = int(num_heads)
+        self.num_kv_heads = int(num_kv_heads or num_heads)
+        self.head_dim = int(head_dim)
+        self.scale = float(scale)
+        self.causal = bool(causal)
+        self.attn_dropout = float(attn_dropout)
+        self.register_buffer("codebook", None, persistent=False)
+        self.devices = 1
+        self.distributed_cls = False
+        self.communicator: Optional[Communicator] = None
+        self.use_kernels: Optional[bool] = None
+        self._cls_state = None
+        self._tables = None
+        self._tables_key = None
+
+    # ------------------------------------------------------------ family interface
+    def project_q(self, x: Tensor) -> Tensor:
+        """``[B, T, D] -> [B, H, T, d]``."""
+        raise NotImplementedError
+
+    def project_kv(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """``[B, T, D] -> (k, v)``, each ``[B, Hkv, T, d]`` (post any key norm)."""
+        raise NotImplementedError
+
+    def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        k, v = self.project_kv(x)
+        return self.project_q(x), k, v
+
+    def kv_affine(self) -> Optional[Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]:
+        """``(W_k, b_k, W_v, b_v)`` in ``nn.Linear`` layout (``[Hkv*d, D]``) when
+        ``k = X W_k^T + b_k`` exactly (no key norm); None otherwise."""
+        return None
+
+    def output(self, o: Tensor, x: Tensor) -> Tensor:
+        """Attention output ``[B, T, H*d]`` -> what the replaced module returns."""
+        return o
+
+    # ------------------------------------------------------------------- set-up
+    def configure(self, *, codebook: Optional[Tensor] = None, devices: int = 1,
+                  distributed_cls: bool = False, communicator: Optional[Communicator] = None,
+                  use_kernels: Optional[bool] = None, cls_state=None) -> "AstraAttention":
+        """Set the layer's codebook ``[G, K, D/G]`` (or None), device count and mode."""
+        if codebook is not None:
+            if codebook.dim() != 3:
+                raise ValueError(f"codebook must be [G, K, D/G], got {tuple(codebook.shape)}")
+            ref = self._ref_param()
+            codebook = codebook.detach().to(device=ref.device, dtype=torch.float32)
+        self.codebook = codebook
+        self.devices = int(devices)
+        self.distributed_cls = bool(distributed_cls)
+        self.communicator = communicator
+        self.use_kernels = use_kernels
+        self._cls_state = cls_state
+        self._tables = self._tables_key = None
+        return self
+
+    def _ref_param(self) -> Tensor:
+        return next(self.parameters())
+
+    def extra_repr(self) -> str:
+        cb = "none" if self.codebook is None else "x".join(map(str, self.codebook.shape))
+        mode = "distributed" if self.communicator is not None else "simulate"
+        return (f"layer={self.layer_idx}, heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"causal={self.causal}, devices={self.devices}, codebook={cb}, mode={mode}, "
+                f"distributed_cls={self.distributed_cls}")
+
+    # ------------------------------------------------------------ quantization
+    def encode(self, x: Tensor) -> Tensor:
+        """Codes ``int32 [..., G]`` of the attention input ``x [..., D]``."""
+        return astra_kernels.vq_encode(x.detach(), self.codebook)
+
+    def dequantize(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
+        """``X̂ [..., D]`` from codes (differentiable in the codebook; -1 gives zeros)."""
+        cb = self.codebook
+        G, K, dg = cb.shape
+        safe = codes.long().clamp(0, K - 1)
+        xq = cb[torch.arange(G, device=cb.device), safe]  # [..., G, dg]
+        return xq.reshape(*codes.shape[:-1], G * dg).to(dtype)
+
+    def projected_tables(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(pk, pv) [G, K, Hkv, d]``: codeword g of the codebook through the matching
+        rows of W_k / W_v, biases folded into group 0; cached until the weights or the
+        codebook change. None when there is no codebook, the key map is not affine
+        (e.g. a key norm) or the tables exceed :data:`TABLE_BUDGET_ELEMS`."""
+        aff = self.kv_affine()
+        if self.codebook is None or aff is None:
+            return None
+        G, K, dg = self.codebook.shape
+        if 2 * G * K * self.num_kv_heads * self.head_dim > TABLE_BUDGET_ELEMS:
+            return None
+        Wk, bk, Wv, bv = aff
+        key = (self.codebook.data_ptr(), self.codebook._version, Wk.data_ptr(), Wk._version,
+               Wv.data_ptr(), Wv._version,
+               None if bk is None else (bk.data_ptr(), bk._version),
+               None if bv is None else (bv.data_ptr(), bv._version), Wk.dtype, Wk.device)
+        if self._tables_key == key:
+            return self._tables
+        with torch.no_grad():
+            cb = self.codebook.float()
+            tabs = []
+            for W, b in ((Wk, bk), (Wv, bv)):
+                out = W.shape[0]
+                Wg = W.float().reshape(out, G, dg)
+                t = torch.einsum("gkc,ogc->gko", cb, Wg)
+                if b is not None:
+                    t[0] += b.float()
+                tabs.append(t.reshape(G, K, self.num_kv_heads, self.head_dim).to(W.dtype))
+        self._tables, self._tables_key = (tabs[0], tabs[1]), key
+        return self._tables
+
+    # ----------------------------------------------------------------- forward
+    def attend(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None,
+               causal: Optional[bool] = None) -> Tensor:
+        """Mixed-precision attention of ``x [B, T, D]``; returns ``[B, T, H*d]``.
+
+        ``mask`` is the HF/timm attention mask (bool, True = attend, or additive float;
+        broadcastable to ``[B, H, T, T]``); ``causal`` overrides the module's flag.
+        """
+        causal = self.causal if causal is None else bool(causal)
+        if self.communicator is not None:
+            return self._attend_distributed(x, mask, cache, causal)
+        layout = self._layout(x)
+        bias = _mask_bias(mask, x.dtype, layout)
+        q, k, v = self.project_qkv(x)
+        self._update_cache(cache, k, v)
+        if self._kernel_ok(x):
+            pos = layout.orig_index
+            ok, valid = _key_padding(bias, causal, pos, pos)
+            if ok:
+                return self._simulate_kernel(x, q, k, v, layout, valid, causal)
+        return self._simulate_torch(x, q, k, v, layout, bias, causal)
+
+    def _layout(self, x: Tensor) -> ChunkLayout:
+        T = x.shape[1]
+        copies = self.distributed_cls and self.devices > 1
+        if copies:
+            state = self._cls_state
+            orig = None if state is None else state.orig_len
+            if orig is None or T != orig + self.devices - 1:
+                raise RuntimeError(
+                    "distributed class tokens: this layer got a sequence that was not "
+                    "expanded by the patched model (call the whole patched model, not a "
+                    "single layer, or patch with distributed_cls=False)")
+            return chunk_layout(orig, self.devices, True, x.device)
+        return chunk_layout(T, self.devices, self.distributed_cls and self.devices == 1,
+                            x.device)
+
+    def _kernel_ok(self, x: Tensor) -> bool:
+        if self.use_kernels is False:
+            return False
+        if self.training and self.attn_dropout > 0:
+            return False
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+            or (self.codebook is not None and self.codebook.requires_grad))
+        if needs_grad:
+            if self.use_kernels:
+                raise RuntimeError("use_kernels=True but autograd is on: the kernels are "
+                                   "forward-only (use torch.no_grad() or use_kernels=None)")
+            return False
+        return True
+
+    def _update_cache(self, cache, k: Tensor, v: Tensor) -> None:
+        if cache is None:
+            return
+        c = getattr(cache, "self_attention_cache", cache)
+        if c.get_seq_length(self.layer_idx) > 0:
+            raise NotImplementedError("Astra runs prefill only: decoding with a filled "
+                                      "cache is not supported by AstraAttention")
+        c.update(k, v, self.layer_idx)
+
+    # -- simulate, differentiable -----------------------------------------------------
+    def _simulate_torch(self, x, q, k, v, layout: ChunkLayout, bias, causal) -> Tensor:
+        B, H, T, d = q.shape
+        rep = self.num_heads // self.num_kv_heads
+        k, v = _repeat_kv(k, rep), _repeat_kv(v, rep)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        same = layout.same_device()
+        quantized = self.codebook is not None and layout.devices > 1
+        if quantized:
+            xq = self.dequantize(self.encode(x), x.dtype)
+            kq, vq = self.project_kv(xq)
+            kq, vq = _repeat_kv(kq, rep), _repeat_kv(vq, rep)
+            scores_q = torch.matmul(q, kq.transpose(-1, -2)) * self.scale
+            scores = torch.where(same, scores, scores_q)  # exact within a device
+        if bias is not None:
+            scores = scores + bias
+        visible = same | ~layout.is_copy.unsqueeze(0)  # copies are never sent
+        if causal:
+            pos = layout.orig_index
+            visible = visible & (pos.unsqueeze(0) <= pos.unsqueeze(1))
+        if not bool(visible.all()):
+            scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        p = _softmax(scores, q.dtype)
+        if self.training and self.attn_dropout > 0:
+            p = F.dropout(p, self.attn_dropout, training=True)
+        if quantized:
+            sd = same.to(p.dtype)
+            out = torch.matmul(p * sd, v) + torch.matmul(p * (1 - sd), vq)
+        else:
+            out = torch.matmul(p, v)
+        return out.transpose(1, 2).reshape(B, T, H * d)
+
+    # -- simulate, kernels ---------------------------------------------------------------
+    def _remote_source(self, x: Tensor):
+        """What the kernels get for remote tokens: ``("codes", codes, pk, pv)`` or
+        ``("kv", k̂, v̂)`` materialized for all tokens."""
+        if self.codebook is None:
+            return None
+        codes = self.encode(x)
+        tabs = self.projected_tables()
+        if tabs is not None:
+            return ("codes", codes, tabs[0].to(x.dtype), tabs[1].to(x.dtype))
+        kq, vq = self.project_kv(self.dequantize(codes, x.dtype))
+        return ("kv", kq, vq)
+
+    def _simulate_kernel(self, x, q, k, v, layout: ChunkLayout, valid, causal) -> Tensor:
+        B, H, T, d = q.shape
+        src = self._remote_source(x) if layout.devices > 1 else None
+        out = q.new_empty(B, H, T, d)
+        pos = layout.orig_index
+        for n in range(layout.devices):
+            li, ri = layout.local_idx[n], layout.remote_idx[n]
+            if src is None and layout.devices > 1:
+                remote = ("kv", k[:, :, ri], v[:, :, ri])  # no codebook: exact remote
+            elif src is None:
+                remote = None
+            elif src[0] == "codes":
+                remote = ("codes", src[1][:, ri], src[2], src[3])
+            else:
+                remote = ("kv", src[1][:, :, ri], src[2][:, :, ri])
+            o = _chunk_kernel(q[:, :, li], k[:, :, li], v[:, :, li], remote,
+                              None if valid is None else valid[:, li],
+                              None if valid is None else valid[:, ri],
+                              causal, pos[li], pos[ri], self.scale)
+            out[:, :, li] = o
+        return out.transpose(1, 2).reshape(B, T, H * d)
+
+    # -- distributed -----------------------------------------------------------------------
+    def _attend_distributed(self, x: Tensor, mask, cache, causal) -> Tensor:
+        comm = self.communicator
+        B, Tn, _ = x.shape
+        r, W = int(comm.rank), int(comm.world_size)
+        bias = _mask_bias(mask, x.dtype, None)
+        lpos = torch.arange(Tn, device=x.device)
+        ok, valid = _key_padding(bias, causal, lpos, lpos)
+        first = 1 if self.distributed_cls else 0  # the local class-token copy stays here
+        if Tn - first < 1:
+            raise ValueError(f"rank {r} got no tokens to attend with")
+        send = x[:, first:]
+        if self.codebook is not None:
+            payload = self.encode(send)
+            if valid is not None:
+                payload = payload.masked_fill(~valid[:, first:].unsqueeze(-1), -1)
+        else:
+            payload = send.detach() if not torch.is_grad_enabled() else send
+        got = list(comm.exchange(self.layer_idx, payload))
+        if len(got) != W:
+            raise RuntimeError(f"communicator returned {len(got)} payloads for world_size={W}")
+        lens = [int(t.shape[1]) for t in got]
+        offs = [sum(lens[:j]) for j in range(W)]
+        qpos = offs[r] + lpos - first
+        qpos = qpos.clamp_min(0)  # the class-token copy sits at position 0
+        others = [j for j in range(W) if j != r]
+        rpos = (torch.cat([offs[j] + torch.arange(lens[j], device=x.device) for j in others])
+                if others else torch.empty(0, dtype=torch.long, device=x.device))
+        q, k, v = self.project_qkv(x)
+        self._update_cache(cache, k, v)
+        remote_payload = (torch.cat([got[j].to(x.device) for j in others], dim=1)
+                          if others else payload[:, :0])
+        if self.codebook is not None:
+            rvalid = (remote_payload >= 0).all(-1)
+            xr = self.dequantize(remote_payload, x.dtype)
+        else:
+            rvalid = None
+            xr = remote_payload.to(x.dtype)
+        if ok and self._kernel_ok(x):
+            tabs = self.projected_tables() if self.codebook is not None else None
+            if tabs is not None:
+                remote = ("codes", remote_payload, tabs[0].to(x.dtype), tabs[1].to(x.dtype))
+            else:
+                kr, vr = self.project_kv(xr)
+                remote = ("kv", kr, vr)
+            o = _chunk_kernel(q, k, v, remote, valid, rvalid, causal, qpos, rpos, self.scale)
+        else:
+            kr, vr = self.project_kv(xr)
+            o = self._chunk_torch(q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos)
+        return o.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
+
+    def _chunk_torch(self, q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos) -> Tensor:
+        rep = self.num_heads // self.num_kv_heads
+        keys = _repeat_kv(torch.cat([k, kr], dim=2), rep)
+        vals = _repeat_kv(torch.cat([v, vr], dim=2), rep)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale
+        Tl = k.shape[2]
+        B, H, Tq, Tk = scores.shape
+        add = torch.zeros(B, 1, Tq, Tk, dtype=scores.dtype, device=scores.device)
+        if bias is not None:
+            add[..., :Tl] = add[..., :Tl] + bias
+        scores = scores + add
+        visible = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+        if rvalid is not None:
+            visible[..., Tl:] &= rvalid[:, None, None, :]
+        if causal:
+            kpos = torch.cat([qpos, rpos])
+            visible &= (kpos.unsqueeze(0) <= qpos.unsqueeze(1))
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        p = _softmax(scores, q.dtype)
+        if self.training and self.attn_dropout > 0:
+            p = F.dropout(p, self.attn_dropout, training=True)
+        return torch.matmul(p, vals)
+
+
+def _chunk_kernel(q, k, v, remote, lvalid, rvalid, causal, qpos, rpos, scale) -> Tensor:
+    """One chunk through :func:`astra_kernels.mixed_attention`; ``[B, H, Tq, d]``.
+
+    ``remote`` is None, ``("codes", codes [B,Tr,G], pk, pv)`` or ``("kv", k, v)``.
+    Padding: padded remote tokens get code -1 (or are dropped); local key padding has
+    no kernel argument, so a batch row with padded local keys runs alone with those
+    keys dropped.
+    """
+    kw = dict(causal=causal, scale=scale)
+
+    def call(qb, kb, vb, rem, kvpos, rp):
+        extra = dict(kw)
+        if causal:
+            extra.update(q_pos=qpos, kv_pos=kvpos, remote_pos=rp)
+        if rem is None:
+            return astra_kernels.mixed_attention(qb, kb, vb, **extra)[0]
+        if rem[0] == "codes":
+            return astra_kernels.mixed_attention(qb, kb, vb, rem[1], rem[2], rem[3], **extra)[0]
+        return astra_kernels.mixed_attention(qb, kb, vb, remote_k=rem[1], remote_v=rem[2],
+                                             **extra)[0]
+
+    if remote is not None and rvalid is not None and remote[0] == "codes":
+        remote = ("codes", remote[1].masked_fill(~rvalid.unsqueeze(-1), -1)) + remote[2:]
+        rvalid_kv = None
+    else:
+        rvalid_kv = rvalid
+    if (lvalid is None or bool(lvalid.all())) and (rvalid_kv is None or bool(rvalid_kv.all())):
+        return call(q, k, v, remote, qpos, rpos)
+    outs = []
+    for b in range(q.shape[0]):
+        lv = lvalid[b] if lvalid is not None else slice(None)
+        rem, rp = None, rpos
+        if remote is not None:
+            if remote[0] == "codes":
+                rem = ("codes", remote[1][b:b + 1], remote[2], remote[3])
+            else:
+                rv = rvalid_kv[b] if rvalid_kv is not None else slice(None)
+                rem = ("kv", remote[1][b:b + 1, :, rv], remote[2][b:b + 1, :, rv])
+                rp = rpos[rv]
+        outs.append(call(q[b:b + 1], k[b:b + 1, :, lv], v[b:b + 1, :, lv], rem, qpos[lv], rp))
+    return torch.cat(outs, dim=0)

@@ -1,0 +1,420 @@
+"""Per-layer, per-group VQ codebooks: fitting (k-means), files, calibration.
+
+A :class:`Codebooks` holds one tensor ``[L, G, K, D/G]``: for layer l, group g (dims
+``g*D/G ... (g+1)*D/G - 1`` of the attention input X), K codewords. A token of layer l
+is sent as G codes of ``ceil(log2 K)`` bits.
+
+The projected tables ``pk, pv [G, K, Hkv, d]`` (codebook group g through the matching
+rows of W_k / W_v, bias folded into group 0) depend on the model's weights; they are
+derived by :class:`astra.AstraAttention` when the model is patched, never stored here.
+
+Files are safetensors with string metadata: format, Astra version, model identity
+(family, name, config hash), num_layers, dim (D), groups (G), codebook_size (K).
+:meth:`Codebooks.load` checks them against a model (or a dict) and raises a
+``ValueError`` that names each field that differs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import ExitStack
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+import astra_kernels
+
+__all__ = ["Codebooks", "collect_activations"]
+
+FORMAT = "astra-codebooks/1"
+_INT_FIELDS = ("num_layers", "dim", "groups", "codebook_size")
+# Checked in this order; the first mismatches are the most telling.
+_CHECK_ORDER = ("model", "num_layers", "dim", "groups", "codebook_size", "config_hash")
+
+
+def _astra_version() -> str:
+    from . import __version__
+    return __version__
+
+
+class Codebooks:
+    """Codebooks of every layer: ``tensor [L, G, K, D/G]`` float32 plus identity metadata.
+
+    Args:
+        tensor: ``[L, G, K, D/G]``.
+        model: the model family the codebooks were fitted on (``"hf:bert"`` ...), as
+            given by :func:`astra.models.resolve`; ``""`` if unknown.
+        name: the model's name (informational, not checked).
+        config_hash: architecture hash of the model (see :mod:`astra.models`).
+    """
+
+    def __init__(self, tensor: Tensor, *, model: str = "", name: str = "",
+                 config_hash: str = ""):
+        if not isinstance(tensor, Tensor) or tensor.dim() != 4:
+            got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor)
+            raise ValueError(f"codebooks tensor must be [L, G, K, D/G], got {got}")
+        if min(tensor.shape) < 1:
+            raise ValueError(f"codebooks tensor has an empty dimension: {tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"codebooks tensor must be float, got {tensor.dtype}")
+        self.tensor = tensor.detach().float().contiguous()
+        self.model, self.name, self.config_hash = str(model), str(name), str(config_hash)
+        self.history: List[List[float]] = []   # fit(): mean squared error per iteration
+        self.reseeded: List[int] = []          # fit(): empty clusters re-seeded per layer
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_layers(self) -> int:
+        return self.tensor.shape[0]
+
+    @property
+    def groups(self) -> int:
+        return self.tensor.shape[1]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.tensor.shape[2]
+
+    @property
+    def dim(self) -> int:
+        return self.tensor.shape[1] * self.tensor.shape[3]
+
+    @property
+    def bits_per_token(self) -> int:
+        """Bits one token costs on the wire: ``G * ceil(log2 K)``."""
+        return self.groups * max(1, math.ceil(math.log2(self.codebook_size)))
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def layer(self, i: int) -> Tensor:
+        """Layer ``i``'s codebooks ``[G, K, D/G]``."""
+        return self.tensor[i]
+
+    def __repr__(self) -> str:
+        return (f"Codebooks(layers={self.num_layers}, D={self.dim}, G={self.groups}, "
+                f"K={self.codebook_size}, model={self.model!r}, name={self.name!r})")
+
+    def to(self, device) -> "Codebooks":
+        out = Codebooks(self.tensor.to(device), model=self.model, name=self.name,
+                        config_hash=self.config_hash)
+        out.history, out.reseeded = self.history, self.reseeded
+        return out
+
+    # ------------------------------------------------------------- use
+    def encode(self, layer: int, x: Tensor) -> Tensor:
+        """Codes ``int32 [..., G]`` of ``x [..., D]`` in layer ``layer``'s codebooks."""
+        return astra_kernels.vq_encode(x, self.tensor[layer].to(x.device))
+
+    def decode(self, layer: int, codes: Tensor) -> Tensor:
+        """``X̂ [..., D]`` from codes ``[..., G]``."""
+        cb = self.tensor[layer].to(codes.device)
+        G = cb.shape[0]
+        xq = cb[torch.arange(G, device=cb.device), codes.long()]
+        return xq.reshape(*codes.shape[:-1], self.dim)
+
+    def error(self, layer: int, x: Tensor) -> float:
+        """Mean squared quantization error (summed over D) of ``x [..., D]``."""
+        _, err = astra_kernels.vq_encode(x.reshape(-1, x.shape[-1]).float(),
+                                         self.tensor[layer].to(x.device), return_error=True)
+        return float(err.double().mean())
+
+    # ------------------------------------------------------------- metadata
+    def metadata(self) -> Dict[str, str]:
+        return {"format": FORMAT, "astra_version": _astra_version(), "model": self.model,
+                "name": self.name, "config_hash": self.config_hash,
+                "num_layers": str(self.num_layers), "dim": str(self.dim),
+                "groups": str(self.groups), "codebook_size": str(self.codebook_size)}
+
+    def check(self, expect: Union[nn.Module, Mapping[str, Any], None],
+              source: str = "codebooks") -> None:
+        """Raise ``ValueError`` naming every field that differs from ``expect``.
+
+        ``expect``: a model (its identity: model, config_hash, num_layers, dim) or a
+        mapping with any of ``model, config_hash, num_layers, dim, groups,
+        codebook_size``. Empty strings on either side are not compared.
+        """
+        if expect is None:
+            return
+        if isinstance(expect, nn.Module):
+            from .models import resolve
+            expect = resolve(expect)[1].identity(expect)
+        unknown = set(expect) - set(_CHECK_ORDER) - {"name"}
+        if unknown:
+            raise ValueError(f"unknown fields in expect: {sorted(unknown)}")
+        have = self.metadata()
+        diffs = []
+        for f in _CHECK_ORDER:
+            if f not in expect or expect[f] is None:
+                continue
+            want, got = str(expect[f]), have[f]
+            if f in ("model", "config_hash") and (not want or not got):
+                continue
+            if want != got:
+                msg = f"{f}: {source} have {got!r}, expected {want!r}"
+                if f == "dim" and want.isdigit() and int(want) % self.groups:
+                    msg += f" (G={self.groups} groups do not divide the width D={want})"
+                diffs.append(msg)
+        if diffs:
+            hint = ""
+            if any(d.startswith(("model", "config_hash")) for d in diffs):
+                hint = (f" (the codebooks were fitted on another model"
+                        + (f": {self.name!r}" if self.name else "") + ")")
+            raise ValueError(f"{source} do not match the model{hint}: " + "; ".join(diffs))
+
+    # ------------------------------------------------------------- files
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write a safetensors file (tensor ``codebooks`` + metadata)."""
+        from safetensors.torch import save_file
+        save_file({"codebooks": self.tensor.cpu().contiguous()}, os.fspath(path),
+                  metadata=self.metadata())
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike],
+             expect: Union[nn.Module, Mapping[str, Any], None] = None,
+             device="cpu") -> "Codebooks":
+        """Read a file written by :meth:`save`; check it against ``expect`` (see
+        :meth:`check`). Raises ``ValueError`` for a foreign or inconsistent file."""
+        from safetensors import safe_open
+        path = os.fspath(path)
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an Astra codebooks file (format="
+                                 f"{meta.get('format')!r}, expected {FORMAT!r})")
+            if "codebooks" not in f.keys():
+                raise ValueError(f"{path} has no 'codebooks' tensor")
+            tensor = f.get_tensor("codebooks")
+        out = cls(tensor, model=meta.get("model", ""), name=meta.get("name", ""),
+                  config_hash=meta.get("config_hash", ""))
+        have = out.metadata()
+        for k in _INT_FIELDS:
+            if meta.get(k) != have[k]:
+                raise ValueError(f"{path} is inconsistent: metadata {k}={meta.get(k)} but the "
+                                 f"tensor {tuple(tensor.shape)} gives {have[k]}")
+        out.check(expect, source=f"codebooks in {path}")
+        return out
+
+    # ------------------------------------------------------------- fitting
+    @classmethod
+    def fit(cls, activations_per_layer: Sequence[Tensor], groups: int, codebook_size: int,
+            iters: int = 20, seed: int = 0, progress: bool = True, *,
+            init: str = "k-means++", model: Optional[nn.Module] = None,
+            max_points: Optional[int] = None) -> "Codebooks":
+        """k-means per layer and group (Lloyd iterations, squared L2).
+
+        Args:
+            activations_per_layer: one ``[..., D]`` tensor per layer (the attention
+                input X of that layer, e.g. from :func:`collect_activations`).
+            groups: G; must divide D.
+            codebook_size: K.
+            iters: at most this many Lloyd iterations (stops early when no code changes).
+            seed: everything random (init, sub-sampling) comes from this seed: equal
+                inputs and seed give equal codebooks.
+            progress: show a tqdm bar.
+            init: ``"k-means++"`` (D²-sampling, on at most ``max(8K, 4096)`` points) or
+                ``"random"`` (K distinct points sampled uniformly).
+            model: take the identity metadata (family, name, config hash) from it.
+            max_points: fit on a random subset of at most this many points per layer.
+
+        The assignment step is :func:`astra_kernels.vq_encode` (all groups at once).
+        A cluster that ends an iteration empty is re-seeded with the point that has
+        the largest error in that group (distinct points for several empty clusters).
+        With fewer distinct points than K, the surplus codewords are duplicates.
+        ``history[l]`` holds the mean error per token after init and after each
+        iteration; ``reseeded[l]`` the number of re-seeded clusters.
+        """
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) \
+                or codebook_size < 1:
+            raise ValueError(f"codebook_size must be a positive int, got {codebook_size!r}")
+        if init not in ("k-means++", "random"):
+            raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+        if len(activations_per_layer) == 0:
+            raise ValueError("activations_per_layer is empty")
+        dims = {int(a.shape[-1]) for a in activations_per_layer}
+        if len(dims) != 1:
+            raise ValueError(f"all layers must have one width D, got {sorted(dims)}")
+        D = dims.pop()
+        if D % groups:
+            raise ValueError(f"G={groups} groups do not divide the width D={D}")
+        ident: Dict[str, str] = {}
+        if model is not None:
+            from .models import resolve
+            idn = resolve(model)[1].identity(model)
+            ident = {"model": idn["model"], "name": idn["name"],
+                     "config_hash": idn["config_hash"]}
+            if idn["dim"] != D or idn["num_layers"] != len(activations_per_layer):
+                raise ValueError(
+                    f"activations ({len(activations_per_layer)} layers, D={D}) do not match "
+                    f"the model ({idn['num_layers']} layers, D={idn['dim']})")
+        gen = torch.Generator().manual_seed(int(seed))
+        L = len(activations_per_layer)
+        out, hist, reseeded = [], [], []
+        from tqdm.auto import tqdm
+        with tqdm(total=L * (iters + 1), desc="k-means", unit="it",
+                  disable=not progress) as bar:
+            for li, acts in enumerate(activations_per_layer):
+                x = acts.detach().reshape(-1, D).float()
+                if x.shape[0] == 0:
+                    raise ValueError(f"layer {li} has no activations")
+                if max_points is not None and x.shape[0] > max_points:
+                    x = x[torch.randperm(x.shape[0], generator=gen)[:max_points].to(x.device)]
+                bar.set_postfix(layer=li)
+                C, h, r = _kmeans(x, groups, codebook_size, iters, gen, init, bar)
+                out.append(C)
+                hist.append(h)
+                reseeded.append(r)
+        cb = cls(torch.stack(out).cpu(), **ident)
+        cb.history, cb.reseeded = hist, reseeded
+        return cb
+
+
+def _kmeans(x: Tensor, G: int, K: int, iters: int, gen: torch.Generator, init: str, bar):
+    """k-means of every group of ``x [M, D]`` at once -> ``([G, K, D/G], history, reseeded)``."""
+    M, D = x.shape
+    dg = D // G
+    xg = x.reshape(M, G, dg)
+    C = _init_kmeanspp(xg, K, gen) if init == "k-means++" else _init_random(xg, K, gen)
+    garange = torch.arange(G, device=x.device)
+    codes, err = astra_kernels.vq_encode(x, C, return_error=True)
+    history = [float(err.double().mean())]
+    bar.update(1)
+    reseeded = 0
+    for _ in range(iters):
+        flat = (codes.long() + garange * K).reshape(-1)  # [M*G] cluster ids, group-major
+        counts = torch.bincount(flat, minlength=G * K).reshape(G, K)
+        sums = torch.zeros(G * K, dg, dtype=torch.float64, device=x.device)
+        sums.index_add_(0, flat, xg.reshape(M * G, dg).double())
+        sums = sums.reshape(G, K, dg)
+        newC = torch.where(counts.unsqueeze(-1) > 0,
+                           sums / counts.clamp_min(1).unsqueeze(-1), C.double()).float()
+        empty = counts == 0
+        if bool(empty.any()):
+            # Per-group error of each point under the current assignment.
+            gerr = ((xg - C[garange, codes.long()]) ** 2).sum(-1)  # [M, G]
+            for g in torch.nonzero(empty.any(1)).flatten().tolist():
+                ks = torch.nonzero(empty[g]).flatten()
+                take = min(len(ks), M)
+                # Stable descending sort: ties go to the lowest point index.
+                order = torch.sort(gerr[:, g], descending=True, stable=True).indices[:take]
+                newC[g, ks[:take]] = xg[order, g]
+                reseeded += take
+        C = newC
+        new_codes, err = astra_kernels.vq_encode(x, C, return_error=True)
+        history.append(float(err.double().mean()))
+        bar.update(1)
+        changed = not torch.equal(new_codes, codes)
+        codes = new_codes
+        if not changed and not bool(empty.any()):
+            bar.update(iters + 1 - len(history))
+            break
+    return C, history, reseeded
+
+
+def _init_random(xg: Tensor, K: int, gen: torch.Generator) -> Tensor:
+    M, G, dg = xg.shape
+    C = torch.empty(G, K, dg, dtype=xg.dtype, device=xg.device)
+    for g in range(G):
+        idx = torch.randperm(M, generator=gen)[:K]
+        if len(idx) < K:  # fewer points than codewords: repeat (they stay duplicates)
+            idx = idx[torch.arange(K) % len(idx)]
+        C[g] = xg[idx.to(xg.device), g]
+    return C
+
+
+def _init_kmeanspp(xg: Tensor, K: int, gen: torch.Generator) -> Tensor:
+    """D²-sampling for every group at once, on at most ``max(8K, 4096)`` points."""
+    M, G, dg = xg.shape
+    cap = max(8 * K, 4096)
+    if M > cap:
+        xg = xg[torch.randperm(M, generator=gen)[:cap].to(xg.device)]
+        M = cap
+    garange = torch.arange(G, device=xg.device)
+    C = torch.empty(G, K, dg, dtype=xg.dtype, device=xg.device)
+    first = torch.randint(M, (G,), generator=gen).to(xg.device)
+    C[:, 0] = xg[first, garange]
+    d2 = ((xg - C[:, 0].unsqueeze(0)) ** 2).sum(-1).double()  # [M, G]
+    for j in range(1, K):
+        w = d2.t().clone()  # [G, M]
+        dead = w.sum(1) <= 0  # every point already a codeword: sample uniformly
+        w[dead] = 1.0
+        pick = torch.multinomial(w.cpu(), 1, generator=gen).flatten().to(xg.device)
+        C[:, j] = xg[pick, garange]
+        d2 = torch.minimum(d2, ((xg - C[:, j].unsqueeze(0)) ** 2).sum(-1).double())
+    return C
+
+
+# ---------------------------------------------------------------------- calibration
+
+@torch.no_grad()
+def collect_activations(model: nn.Module, batches: Iterable[Any], *,
+                        max_tokens: Optional[int] = None, device=None) -> List[Tensor]:
+    """The attention input X of every layer, gathered by forward pre-hooks.
+
+    Args:
+        model: a supported model (patched or not; with ``devices=1`` and
+            ``distributed_cls=False`` a patched model sees what the original sees).
+        batches: iterable of model inputs: a dict (``model(**batch)``; its
+            ``attention_mask``, if any, drops padding tokens), a tuple (``model(*b)``)
+            or a tensor (``model(b)``).
+        max_tokens: stop collecting a layer after this many tokens.
+        device: move each batch's tensors here first (default: leave them).
+
+    Returns:
+        ``[M_l, D]`` float32 CPU tensors, one per layer.
+    """
+    from .models import resolve
+    _, adapter = resolve(model)
+    slots = adapter.attention_slots(model)
+    store: List[List[Tensor]] = [[] for _ in slots]
+    counts = [0] * len(slots)
+    keep: Dict[str, Optional[Tensor]] = {"mask": None}
+
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            if max_tokens is not None and counts[i] >= max_tokens:
+                return
+            m = keep["mask"]
+            if m is not None and m.shape == x.shape[:2]:
+                rows = x[m.to(x.device).bool()]
+            else:
+                rows = x.reshape(-1, x.shape[-1])
+            if max_tokens is not None:
+                rows = rows[: max_tokens - counts[i]]
+            counts[i] += rows.shape[0]
+            store[i].append(rows.detach().float().cpu())
+        return hook
+
+    with ExitStack() as stack:
+        for i, (parent, name) in enumerate(slots):
+            h = getattr(parent, name).register_forward_pre_hook(make_hook(i), with_kwargs=True)
+            stack.callback(h.remove)
+        for batch in batches:
+            if device is not None:
+                batch = _to(batch, device)
+            if isinstance(batch, Mapping):
+                keep["mask"] = batch.get("attention_mask")
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                keep["mask"] = None
+                model(*batch)
+            else:
+                keep["mask"] = None
+                model(batch)
+            if max_tokens is not None and min(counts) >= max_tokens:
+                break
+    return [torch.cat(s) if s else torch.empty(0) for s in store]
+
+
+def _to(batch, device):
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch

@@ -1,0 +1,144 @@
+"""Model families Astra can patch: one small adapter module per family.
+
+One table maps a model to its adapter: HF models by ``config.model_type``, timm models
+by class (``"timm:<ClassName>"``, matched along the model's MRO, so subclasses of a
+supported timm class are found too). Adapter modules are imported lazily, so
+``import astra`` needs neither transformers nor timm.
+
+An adapter module defines ``ADAPTER``, an :class:`Adapter` instance.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from typing import Any, Dict, List, Optional, Tuple
+
+from torch import nn
+
+# family key -> adapter module (relative to this package)
+TABLE: Dict[str, str] = {
+    "bert": "hf_bert",
+    "gpt2": "hf_gpt2",
+    "vit": "hf_vit",
+    "timm:VisionTransformer": "timm_vit",
+}
+
+
+def supported_models() -> List[str]:
+    """Keys of the dispatch table: HF ``model_type`` values and timm classes."""
+    return list(TABLE)
+
+
+class Adapter:
+    """What :func:`astra.patch` needs to know about one model family.
+
+    Subclasses implement :meth:`layers`, :meth:`attention_slots`, :meth:`build`,
+    :meth:`dim` and :meth:`config_hash`.
+    """
+
+    family: str = ""          # identity string stored in codebook files, e.g. "hf:bert"
+    causal: bool = False      # causal self-attention (no class token then)
+
+    def layers(self, model: nn.Module) -> List[nn.Module]:
+        """The transformer blocks, in order."""
+        raise NotImplementedError
+
+    def attention_slots(self, model: nn.Module) -> List[Tuple[nn.Module, str]]:
+        """``(parent, attribute)`` of each block's self-attention module (the one whose
+        input is the attention input X and that AstraAttention replaces)."""
+        raise NotImplementedError
+
+    def build(self, original: nn.Module, layer_idx: int, model: nn.Module):
+        """An :class:`astra.AstraAttention` that computes what ``original`` computes."""
+        raise NotImplementedError
+
+    def check_original(self, original: nn.Module, layer_idx: int) -> None:
+        """Raise ``ValueError`` when ``original`` is not a module this adapter handles."""
+
+    def dim(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def has_cls(self, model: nn.Module) -> bool:
+        """Whether token 0 is a class token (distributed class tokens apply)."""
+        return False
+
+    def seq_len(self, model: nn.Module) -> Optional[int]:
+        """The fixed sequence length, where the model has one (vision models)."""
+        return None
+
+    def name(self, model: nn.Module) -> str:
+        return ""
+
+    def config_hash(self, model: nn.Module) -> str:
+        raise NotImplementedError
+
+    def identity(self, model: nn.Module) -> Dict[str, Any]:
+        """The metadata a codebook file must match: model, config_hash, num_layers, dim."""
+        return {"model": self.family, "name": self.name(model),
+                "config_hash": self.config_hash(model),
+                "num_layers": len(self.layers(model)), "dim": self.dim(model)}
+
+
+def stable_hash(obj: Any) -> str:
+    """Short sha256 of a JSON-able object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Config fields that shape the activations; the hash ignores everything else (names,
+# dtypes, attention implementation, label maps, fields newer transformers add).
+HF_ARCH_FIELDS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "vocab_size",
+    "max_position_embeddings", "type_vocab_size", "hidden_act", "activation_function",
+    "layer_norm_eps", "layer_norm_epsilon", "position_embedding_type", "is_decoder",
+    "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "image_size", "patch_size",
+    "num_channels", "qkv_bias", "encoder_stride",
+)
+
+
+def hf_config_hash(config) -> str:
+    fields = {}
+    for name in HF_ARCH_FIELDS:
+        try:
+            val = getattr(config, name)
+        except AttributeError:
+            continue
+        if isinstance(val, (int, float, str, bool, list, tuple)) or val is None:
+            fields[name] = list(val) if isinstance(val, tuple) else val
+    return stable_hash(fields)
+
+
+def hf_name(config) -> str:
+    return str(getattr(config, "name_or_path", "") or "")
+
+
+def resolve(model: nn.Module) -> Tuple[str, Adapter]:
+    """``(key, adapter)`` for ``model``; ``ValueError`` listing the supported models."""
+    key = _key(model)
+    if key is None or key not in TABLE:
+        raise ValueError(
+            f"Astra does not support {_describe(model)}; supported: "
+            + ", ".join(f"'{k}'" for k in TABLE)
+            + " (HF config.model_type, or a timm model class)")
+    mod = importlib.import_module(f"{__name__}.{TABLE[key]}")
+    return key, mod.ADAPTER
+
+
+def _key(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    mt = getattr(config, "model_type", None)
+    if isinstance(mt, str) and mt:
+        return mt
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("timm.") and f"timm:{cls.__name__}" in TABLE:
+            return f"timm:{cls.__name__}"
+    return None
+
+
+def _describe(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    mt = getattr(config, "model_type", None)
+    cls = f"{type(model).__module__}.{type(model).__qualname__}"
+    return f"model_type '{mt}' ({cls})" if mt else cls
