@@ -55,9 +55,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return kernels.main(args.device, args.json, args.quick, cases)
 
 
+# Subcommands that live next to their code: each module has ``add_parser(subparsers)``
+# that adds its parser and sets ``func``. Import must stay cheap (no torch models).
+SUBCOMMAND_MODULES: List[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="astra", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    for mod in SUBCOMMAND_MODULES:
+        importlib.import_module(mod).add_parser(sub)
     s = sub.add_parser("info", help="versions and which backend serves each op here")
     s.set_defaults(func=cmd_info)
     s = sub.add_parser("bench", help="benchmarks")
