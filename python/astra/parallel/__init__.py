@@ -1,0 +1,1 @@
+"""Sequence-parallel execution across processes/devices: runner, links, baselines."""
