@@ -1,0 +1,35 @@
+"""Triton kernels behind the ``astra::`` ops (CUDA; the CPU interpreter for tests).
+
+``IMPLS[op]`` takes exactly the positional arguments of the op's schema in
+:mod:`astra_kernels.ops` and honours its kernel contract. Each entry is a
+``torch.library.triton_op`` (``astra_triton::<op>``) whose body launches the kernels
+through ``wrap_triton``, so ``torch.compile`` traces into them; on a torch without
+``triton_op`` it is the plain launcher.
+
+With ``TRITON_INTERPRET=1`` set before this package is imported the same kernels run
+on CPU tensors in Triton's interpreter (one autotune config, no timing). Set
+``ASTRA_TRITON_AUTOTUNE=0`` to keep only the first autotune config (quick compiles),
+``ASTRA_TRITON_REMOTE_PATH=gather|codebook`` to force the remote attention path.
+"""
+from .mixed_attention import (_code_counts_kernel, _merge_attention_kernel,
+                              _mixed_attention_fwd_kernel,
+                              choose_remote_path, code_counts, merge_attention_op,
+                              merge_attention_triton, mixed_attention_op,
+                              mixed_attention_triton)
+from .vq_encode import _vq_encode_kernel, vq_encode_op, vq_encode_triton
+
+IMPLS = {
+    "vq_encode": vq_encode_op,
+    "mixed_attention": mixed_attention_op,
+    "merge_attention": merge_attention_op,
+}
+
+KERNELS = {
+    "vq_encode": _vq_encode_kernel,
+    "mixed_attention": _mixed_attention_fwd_kernel,
+    "merge_attention": _merge_attention_kernel,
+    "code_counts": _code_counts_kernel,
+}
+
+__all__ = ["IMPLS", "KERNELS", "vq_encode_triton", "mixed_attention_triton",
+           "merge_attention_triton", "choose_remote_path", "code_counts"]
