@@ -84,11 +84,14 @@ def dequantize_remote(codes: Tensor, pk: Tensor, pv: Tensor) -> Tuple[Tensor, Te
     """Materialize remote keys/values from codes: ``k[b, :, j] = sum_g pk[g, codes[b, j, g]]``.
 
     ``codes [B, Tr, G]``, ``pk, pv [G, K, Hkv, d]`` -> ``k, v [B, Hkv, Tr, d]`` (fp32
-    sums cast back to the table dtype) and ``missing [B, Tr]`` (a code of -1 in any group).
+    sums cast back to the table dtype) and ``missing [B, Tr]`` (a code of -1, or out of
+    range, in any group).
     """
     B, Tr, G = codes.shape
     _, K, Hkv, d = pk.shape
-    missing = (codes < 0).any(-1)
+    # -1 marks a lost token; any other out-of-range code is treated the same way
+    # (the kernels never index a table with it)
+    missing = ((codes < 0) | (codes >= K)).any(-1)
     safe = codes.clamp(0, K - 1).long()
     k = torch.zeros(B, Tr, Hkv, d, dtype=torch.float32, device=pk.device)
     v = torch.zeros_like(k)

@@ -10,28 +10,6 @@ import astra_kernels
 from astra.attention import AstraAttention, chunk_layout
 
 
-def _kernels_work() -> bool:
-    try:
-        q = torch.randn(1, 1, 2, 4)
-        codes = torch.zeros(1, 1, 1, dtype=torch.int32)
-        pk = torch.randn(1, 2, 1, 4)
-        astra_kernels.mixed_attention(q, q, q, codes, pk, pk)
-        astra_kernels.vq_encode(torch.randn(3, 4), torch.randn(1, 2, 4), return_error=True)
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-@pytest.fixture(autouse=True)
-def _backend():
-    """Use the compiled kernels where they run; the reference ops where they don't yet."""
-    if _kernels_work():
-        yield
-    else:
-        with astra_kernels.use_backend("reference"):
-            yield
-
-
 # ----------------------------------------------------------------------------- models
 
 def _gpt2(layers=2, seed=0):

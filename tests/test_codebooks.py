@@ -7,24 +7,6 @@ import astra_kernels
 from astra import Codebooks
 
 
-def _kernels_work() -> bool:
-    try:
-        astra_kernels.vq_encode(torch.randn(3, 4), torch.randn(1, 2, 4), return_error=True)
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-@pytest.fixture(autouse=True)
-def _backend():
-    """Use the compiled kernels where they run; the reference ops where they don't yet."""
-    if _kernels_work():
-        yield
-    else:
-        with astra_kernels.use_backend("reference"):
-            yield
-
-
 def _blobs(n=400, d=8, centers=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     c = torch.randn(centers, d, generator=g) * 4
