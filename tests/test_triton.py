@@ -388,7 +388,7 @@ def test_mixed_attention_through_dispatch():
 
 @requires_interpreter
 def test_triton_ops_registered():
-    """IMPLS are ``astra_triton::`` ops (triton_op) taking the astra schema's arguments."""
+    """The launchers are also ``astra_triton::`` ops (triton_op) taking the astra schema's arguments."""
     for op in ("vq_encode", "mixed_attention", "merge_attention"):
         assert hasattr(torch.ops.astra_triton, op), op
     args = _make_case("cpu", torch.float32, "codebook", False, B=1, H=2, Hkv=1, Tq=5,

@@ -1,10 +1,12 @@
 """Triton kernels behind the ``astra::`` ops (CUDA; the CPU interpreter for tests).
 
 ``IMPLS[op]`` takes exactly the positional arguments of the op's schema in
-:mod:`astra_kernels.ops` and honours its kernel contract. Each entry is a
-``torch.library.triton_op`` (``astra_triton::<op>``) whose body launches the kernels
-through ``wrap_triton``, so ``torch.compile`` traces into them; on a torch without
-``triton_op`` it is the plain launcher.
+:mod:`astra_kernels.ops` and honours its kernel contract. Each entry is the plain
+launcher: the ``astra::`` op that calls it already is the dispatched custom op (with a
+fake kernel), and going through a second op cost ~65 us of host time per call on an
+H100. Each launcher is also registered as a ``torch.library.triton_op``
+(``torch.ops.astra_triton.<op>``) that launches through ``wrap_triton``, so
+``torch.compile`` traces into the Triton kernels when those ops are called directly.
 
 With ``TRITON_INTERPRET=1`` set before this package is imported the same kernels run
 on CPU tensors in Triton's interpreter (one autotune config, no timing). Set
@@ -19,6 +21,11 @@ from .mixed_attention import (_code_counts_kernel, _merge_attention_kernel,
 from .vq_encode import _vq_encode_kernel, vq_encode_op, vq_encode_triton
 
 IMPLS = {
+    "vq_encode": vq_encode_triton,
+    "mixed_attention": mixed_attention_triton,
+    "merge_attention": merge_attention_triton,
+}
+OPS = {
     "vq_encode": vq_encode_op,
     "mixed_attention": mixed_attention_op,
     "merge_attention": merge_attention_op,
@@ -31,5 +38,5 @@ KERNELS = {
     "code_counts": _code_counts_kernel,
 }
 
-__all__ = ["IMPLS", "KERNELS", "vq_encode_triton", "mixed_attention_triton",
+__all__ = ["IMPLS", "OPS", "KERNELS", "vq_encode_triton", "mixed_attention_triton",
            "merge_attention_triton", "choose_remote_path", "code_counts"]
