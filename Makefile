@@ -33,7 +33,7 @@ build: $(VENV)/.editable
 	$(PY) setup.py -q build_ext --inplace
 
 demo: setup
-	$(VENV)/bin/astra info
+	$(VENV)/bin/astra demo
 
 info: setup
 	$(VENV)/bin/astra info

@@ -249,6 +249,7 @@ class AstraAttention(nn.Module):
         self.causal = bool(causal)
         self.attn_dropout = float(attn_dropout)
         self.register_buffer("codebook", None, persistent=False)
+        self.stage_sizes: Optional[Tuple[int, ...]] = None  # residual codebook (configure)
         self.devices = 1
         self.distributed_cls = False
         self.communicator: Optional[Communicator] = None
@@ -282,14 +283,29 @@ class AstraAttention(nn.Module):
     # ------------------------------------------------------------------- set-up
     def configure(self, *, codebook: Optional[Tensor] = None, devices: int = 1,
                   distributed_cls: bool = False, communicator: Optional[Communicator] = None,
-                  use_kernels: Optional[bool] = None, cls_state=None) -> "AstraAttention":
-        """Set the layer's codebook ``[G, K, D/G]`` (or None), device count and mode."""
+                  use_kernels: Optional[bool] = None, cls_state=None,
+                  stage_sizes: Optional[Sequence[int]] = None) -> "AstraAttention":
+        """Set the layer's codebook ``[G, K, D/G]`` (or None), device count and mode.
+
+        ``stage_sizes``: the codebook is *residual* ``[S, K, D]``: stage s (its first
+        ``stage_sizes[s]`` rows; the rest is padding, never selected) quantizes what
+        the stages before it left; ``X̂`` is the sum of the S chosen rows. A token is
+        still S codes and a remote key still a sum of S table rows (see
+        :meth:`projected_tables`), so the ops take it as G=S groups.
+        """
         if codebook is not None:
             if codebook.dim() != 3:
                 raise ValueError(f"codebook must be [G, K, D/G], got {tuple(codebook.shape)}")
             ref = self._ref_param()
             codebook = codebook.detach().to(device=ref.device, dtype=torch.float32)
+        if stage_sizes is not None:
+            stage_sizes = tuple(int(k) for k in stage_sizes)
+            if codebook is None or len(stage_sizes) != codebook.shape[0] or \
+                    not all(1 <= k <= codebook.shape[1] for k in stage_sizes):
+                raise ValueError(f"stage_sizes {stage_sizes} do not fit the codebook "
+                                 f"{None if codebook is None else tuple(codebook.shape)}")
         self.codebook = codebook
+        self.stage_sizes = stage_sizes
         self.devices = int(devices)
         self.distributed_cls = bool(distributed_cls)
         self.communicator = communicator
@@ -311,6 +327,15 @@ class AstraAttention(nn.Module):
     # ------------------------------------------------------------ quantization
     def encode(self, x: Tensor) -> Tensor:
         """Codes ``int32 [..., G]`` of the attention input ``x [..., D]``."""
+        if self.stage_sizes is not None:
+            cb = self.codebook.detach()
+            r = x.detach().float()
+            codes = []
+            for s, k in enumerate(self.stage_sizes):  # each stage codes the residual left
+                c = astra_kernels.vq_encode(r, cb[s:s + 1, :k])
+                r = r - cb[s, c[..., 0].long()]
+                codes.append(c)
+            return torch.cat(codes, dim=-1)
         return astra_kernels.vq_encode(x.detach(), self.codebook)
 
     def dequantize(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
@@ -319,6 +344,8 @@ class AstraAttention(nn.Module):
         G, K, dg = cb.shape
         safe = codes.long().clamp(0, K - 1)
         xq = cb[torch.arange(G, device=cb.device), safe]  # [..., G, dg]
+        if self.stage_sizes is not None:
+            return xq.sum(-2).to(dtype)
         return xq.reshape(*codes.shape[:-1], G * dg).to(dtype)
 
     def projected_tables(self) -> Optional[Tuple[Tensor, Tensor]]:
@@ -333,7 +360,8 @@ class AstraAttention(nn.Module):
         if 2 * G * K * self.num_kv_heads * self.head_dim > TABLE_BUDGET_ELEMS:
             return None
         Wk, bk, Wv, bv = aff
-        key = (self.codebook.data_ptr(), self.codebook._version, Wk.data_ptr(), Wk._version,
+        key = (self.codebook.data_ptr(), self.codebook._version, self.stage_sizes,
+               Wk.data_ptr(), Wk._version,
                Wv.data_ptr(), Wv._version,
                None if bk is None else (bk.data_ptr(), bk._version),
                None if bv is None else (bv.data_ptr(), bv._version), Wk.dtype, Wk.device)
@@ -344,8 +372,10 @@ class AstraAttention(nn.Module):
             tabs = []
             for W, b in ((Wk, bk), (Wv, bv)):
                 out = W.shape[0]
-                Wg = W.float().reshape(out, G, dg)
-                t = torch.einsum("gkc,ogc->gko", cb, Wg)
+                if self.stage_sizes is not None:  # residual: every stage spans all of D
+                    t = torch.einsum("gkc,oc->gko", cb, W.float())
+                else:
+                    t = torch.einsum("gkc,ogc->gko", cb, W.float().reshape(out, G, dg))
                 if b is not None:
                     t[0] += b.float()
                 tabs.append(t.reshape(G, K, self.num_kv_heads, self.head_dim).to(W.dtype))
@@ -498,6 +528,10 @@ class AstraAttention(nn.Module):
                 payload = payload.masked_fill(~valid[:, first:].unsqueeze(-1), -1)
         else:
             payload = send.detach() if not torch.is_grad_enabled() else send
+        start = getattr(comm, "exchange_start", None)
+        if (start is not None and ok and valid is None and self._kernel_ok(x)
+                and (self.codebook is None or self.projected_tables() is not None)):
+            return self._attend_overlapped(x, payload, start, causal, first)
         got = list(comm.exchange(self.layer_idx, payload))
         if len(got) != W:
             raise RuntimeError(f"communicator returned {len(got)} payloads for world_size={W}")
@@ -529,6 +563,47 @@ class AstraAttention(nn.Module):
         else:
             kr, vr = self.project_kv(xr)
             o = self._chunk_torch(q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos)
+        return o.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
+
+    def _attend_overlapped(self, x: Tensor, payload: Tensor, start, causal: bool,
+                           first: int) -> Tensor:
+        """Distributed, overlapped: start the exchange, attend to the local tokens while
+        the bytes travel, then to the received ones, and merge the two partials by their
+        log-sum-exp (no padding; kernels; remote K/V from the projected tables)."""
+        comm = self.communicator
+        B, Tn, _ = x.shape
+        r, W = int(comm.rank), int(comm.world_size)
+        handle = start(self.layer_idx, payload)
+        q, k, v = self.project_qkv(x)
+        lpos = (torch.arange(Tn, device=x.device) - first).clamp_min(0)
+        extra = dict(causal=causal, scale=self.scale)
+        if causal:
+            extra.update(q_pos=lpos, kv_pos=lpos)
+        o_loc, lse_loc = astra_kernels.mixed_attention(q, k, v, **extra)
+        got = list(handle.wait())
+        if len(got) != W:
+            raise RuntimeError(f"communicator returned {len(got)} payloads for world_size={W}")
+        others = [j for j in range(W) if j != r and got[j].shape[1] > 0]
+        if not others:
+            return o_loc.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
+        lens = [int(t.shape[1]) for t in got]
+        offs = [sum(lens[:j]) for j in range(W)]
+        qpos = offs[r] + lpos
+        rpos = torch.cat([offs[j] + torch.arange(lens[j], device=x.device) for j in others])
+        remote = torch.cat([got[j].to(x.device) for j in others], dim=1)
+        extra = dict(causal=causal, scale=self.scale)
+        if causal:
+            extra.update(q_pos=qpos, kv_pos=qpos[:0], remote_pos=rpos)
+        k0, v0 = k[:, :, :0], v[:, :, :0]
+        if self.codebook is not None:
+            pk, pv = self.projected_tables()
+            o_rem, lse_rem = astra_kernels.mixed_attention(
+                q, k0, v0, remote, pk.to(x.dtype), pv.to(x.dtype), **extra)
+        else:
+            kr, vr = self.project_kv(remote.to(x.dtype))
+            o_rem, lse_rem = astra_kernels.mixed_attention(q, k0, v0, remote_k=kr,
+                                                           remote_v=vr, **extra)
+        o, _ = astra_kernels.merge_attention(o_loc, lse_loc, o_rem, lse_rem)
         return o.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
 
     def _chunk_torch(self, q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos) -> Tensor:

@@ -57,7 +57,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # Subcommands that live next to their code: each module has ``add_parser(subparsers)``
 # that adds its parser and sets ``func``. Import must stay cheap (no torch models).
-SUBCOMMAND_MODULES: List[str] = []
+SUBCOMMAND_MODULES: List[str] = ["astra.evaluate", "astra.parallel.cli", "astra.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible, else cpu")
     k.add_argument("--cases", help="comma-separated subset of case names")
     k.set_defaults(func=cmd_bench)
+    from astra.parallel.cli import add_bench_parser
+    add_bench_parser(bsub)
     return p
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import ExitStack
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,7 @@ import astra_kernels
 __all__ = ["Codebooks", "collect_activations"]
 
 FORMAT = "astra-codebooks/1"
+INITS = ("k-means++", "sampled", "random")
 _INT_FIELDS = ("num_layers", "dim", "groups", "codebook_size")
 # Checked in this order; the first mismatches are the most telling.
 _CHECK_ORDER = ("model", "num_layers", "dim", "groups", "codebook_size", "config_hash")
@@ -50,7 +51,8 @@ class Codebooks:
     """
 
     def __init__(self, tensor: Tensor, *, model: str = "", name: str = "",
-                 config_hash: str = ""):
+                 config_hash: str = "",
+                 stage_sizes: Union[Sequence[int], Sequence[Sequence[int]], None] = None):
         if not isinstance(tensor, Tensor) or tensor.dim() != 4:
             got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor)
             raise ValueError(f"codebooks tensor must be [L, G, K, D/G], got {got}")
@@ -59,6 +61,26 @@ class Codebooks:
         if not tensor.is_floating_point():
             raise TypeError(f"codebooks tensor must be float, got {tensor.dtype}")
         self.tensor = tensor.detach().float().contiguous()
+        # Residual codebooks: tensor [L, S, Kmax, D]; stage s uses its first
+        # stage_sizes[s] rows and quantizes what the stages before it left. Per layer
+        # (a sequence of L tuples) when layers get different budgets; a stage of size 1
+        # costs no bits (its one codeword is a fixed offset).
+        self._stages: Optional[List[Tuple[int, ...]]] = None
+        self.stage_sizes: Union[Tuple[int, ...], Tuple[Tuple[int, ...], ...], None] = None
+        if stage_sizes is not None:
+            per_layer = len(stage_sizes) > 0 and not isinstance(stage_sizes[0], (int,))
+            if per_layer and hasattr(stage_sizes[0], "__len__"):
+                rows = [tuple(int(k) for k in r) for r in stage_sizes]
+            else:
+                rows = [tuple(int(k) for k in stage_sizes)] * tensor.shape[0]
+            bad = len(rows) != tensor.shape[0] or any(
+                len(r) != tensor.shape[1] or not all(1 <= k <= tensor.shape[2] for k in r)
+                for r in rows)
+            if bad:
+                raise ValueError(f"stage_sizes {stage_sizes} do not fit a residual codebooks "
+                                 f"tensor [L, S, K, D] of shape {tuple(tensor.shape)}")
+            self._stages = rows
+            self.stage_sizes = rows[0] if all(r == rows[0] for r in rows) else tuple(rows)
         self.model, self.name, self.config_hash = str(model), str(name), str(config_hash)
         self.history: List[List[float]] = []   # fit(): mean squared error per iteration
         self.reseeded: List[int] = []          # fit(): empty clusters re-seeded per layer
@@ -78,12 +100,28 @@ class Codebooks:
 
     @property
     def dim(self) -> int:
+        if self.stage_sizes is not None:
+            return self.tensor.shape[3]
         return self.tensor.shape[1] * self.tensor.shape[3]
 
-    @property
-    def bits_per_token(self) -> int:
-        """Bits one token costs on the wire: ``G * ceil(log2 K)``."""
+    def stages(self, layer: int) -> Optional[Tuple[int, ...]]:
+        """Layer ``layer``'s residual stage sizes, None for grouped codebooks."""
+        return None if self._stages is None else self._stages[layer]
+
+    def layer_bits(self, layer: int) -> int:
+        """Bits one token costs on the wire in layer ``layer``."""
+        st = self.stages(layer)
+        if st is not None:  # each stage packed at its own width; size 1: no bits
+            return sum(math.ceil(math.log2(k)) for k in st)
         return self.groups * max(1, math.ceil(math.log2(self.codebook_size)))
+
+    @property
+    def bits_per_token(self) -> Union[int, float]:
+        """Bits one token costs on the wire per layer: ``G * ceil(log2 K)``; residual
+        codebooks: ``sum_s ceil(log2 K_s)``; the mean over layers when they differ."""
+        bits = [self.layer_bits(i) for i in range(self.num_layers)]
+        mean = sum(bits) / len(bits)
+        return int(mean) if mean == int(mean) else mean
 
     def __len__(self) -> int:
         return self.num_layers
@@ -93,31 +131,46 @@ class Codebooks:
         return self.tensor[i]
 
     def __repr__(self) -> str:
+        st = "" if self.stage_sizes is None else f", stages={self.stage_sizes}"
         return (f"Codebooks(layers={self.num_layers}, D={self.dim}, G={self.groups}, "
-                f"K={self.codebook_size}, model={self.model!r}, name={self.name!r})")
+                f"K={self.codebook_size}{st}, model={self.model!r}, name={self.name!r})")
 
     def to(self, device) -> "Codebooks":
         out = Codebooks(self.tensor.to(device), model=self.model, name=self.name,
-                        config_hash=self.config_hash)
+                        config_hash=self.config_hash, stage_sizes=self.stage_sizes)
         out.history, out.reseeded = self.history, self.reseeded
         return out
 
     # ------------------------------------------------------------- use
     def encode(self, layer: int, x: Tensor) -> Tensor:
-        """Codes ``int32 [..., G]`` of ``x [..., D]`` in layer ``layer``'s codebooks."""
-        return astra_kernels.vq_encode(x, self.tensor[layer].to(x.device))
+        """Codes ``int32 [..., G]`` (residual: ``[..., S]``) of ``x [..., D]`` in layer
+        ``layer``'s codebooks."""
+        cb = self.tensor[layer].to(x.device)
+        if self._stages is None:
+            return astra_kernels.vq_encode(x, cb)
+        r, codes = x.float(), []
+        for s, k in enumerate(self.stages(layer)):
+            c = astra_kernels.vq_encode(r, cb[s:s + 1, :k])
+            r = r - cb[s, c[..., 0].long()]
+            codes.append(c)
+        return torch.cat(codes, dim=-1)
 
     def decode(self, layer: int, codes: Tensor) -> Tensor:
-        """``X̂ [..., D]`` from codes ``[..., G]``."""
+        """``X̂ [..., D]`` from codes ``[..., G]`` (residual: the sum of the S rows)."""
         cb = self.tensor[layer].to(codes.device)
         G = cb.shape[0]
         xq = cb[torch.arange(G, device=cb.device), codes.long()]
+        if self._stages is not None:
+            return xq.sum(-2)
         return xq.reshape(*codes.shape[:-1], self.dim)
 
     def error(self, layer: int, x: Tensor) -> float:
         """Mean squared quantization error (summed over D) of ``x [..., D]``."""
-        _, err = astra_kernels.vq_encode(x.reshape(-1, x.shape[-1]).float(),
-                                         self.tensor[layer].to(x.device), return_error=True)
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self._stages is not None:
+            err = ((x - self.decode(layer, self.encode(layer, x))) ** 2).sum(-1)
+            return float(err.double().mean())
+        _, err = astra_kernels.vq_encode(x, self.tensor[layer].to(x.device), return_error=True)
         return float(err.double().mean())
 
     # ------------------------------------------------------------- metadata
@@ -125,7 +178,8 @@ class Codebooks:
         return {"format": FORMAT, "astra_version": _astra_version(), "model": self.model,
                 "name": self.name, "config_hash": self.config_hash,
                 "num_layers": str(self.num_layers), "dim": str(self.dim),
-                "groups": str(self.groups), "codebook_size": str(self.codebook_size)}
+                "groups": str(self.groups), "codebook_size": str(self.codebook_size),
+                "stages": ";".join(",".join(map(str, r)) for r in (self._stages or ()))}
 
     def check(self, expect: Union[nn.Module, Mapping[str, Any], None],
               source: str = "codebooks") -> None:
@@ -186,8 +240,11 @@ class Codebooks:
             if "codebooks" not in f.keys():
                 raise ValueError(f"{path} has no 'codebooks' tensor")
             tensor = f.get_tensor("codebooks")
+        stages = meta.get("stages", "")
         out = cls(tensor, model=meta.get("model", ""), name=meta.get("name", ""),
-                  config_hash=meta.get("config_hash", ""))
+                  config_hash=meta.get("config_hash", ""),
+                  stage_sizes=[[int(k) for k in r.split(",")] for r in stages.split(";")]
+                  if stages else None)
         have = out.metadata()
         for k in _INT_FIELDS:
             if meta.get(k) != have[k]:
@@ -213,7 +270,9 @@ class Codebooks:
             seed: everything random (init, sub-sampling) comes from this seed: equal
                 inputs and seed give equal codebooks.
             progress: show a tqdm bar.
-            init: ``"k-means++"`` (D²-sampling, on at most ``max(8K, 4096)`` points) or
+            init: ``"k-means++"`` (D²-sampling, on at most ``max(8K, 4096)`` points),
+                ``"sampled"`` (D²-sampling in 32 rounds of K/32 picks each: k-means++'s
+                spread at a fraction of its time, which is sequential over K) or
                 ``"random"`` (K distinct points sampled uniformly).
             model: take the identity metadata (family, name, config hash) from it.
             max_points: fit on a random subset of at most this many points per layer.
@@ -230,8 +289,8 @@ class Codebooks:
         if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) \
                 or codebook_size < 1:
             raise ValueError(f"codebook_size must be a positive int, got {codebook_size!r}")
-        if init not in ("k-means++", "random"):
-            raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if len(activations_per_layer) == 0:
             raise ValueError("activations_per_layer is empty")
         dims = {int(a.shape[-1]) for a in activations_per_layer}
@@ -277,7 +336,12 @@ def _kmeans(x: Tensor, G: int, K: int, iters: int, gen: torch.Generator, init: s
     M, D = x.shape
     dg = D // G
     xg = x.reshape(M, G, dg)
-    C = _init_kmeanspp(xg, K, gen) if init == "k-means++" else _init_random(xg, K, gen)
+    if init == "k-means++":
+        C = _init_kmeanspp(xg, K, gen)
+    elif init == "sampled":
+        C = _init_kmeanspp(xg, K, gen, rounds=32)
+    else:
+        C = _init_random(xg, K, gen)
     garange = torch.arange(G, device=x.device)
     codes, err = astra_kernels.vq_encode(x, C, return_error=True)
     history = [float(err.double().mean())]
@@ -325,8 +389,13 @@ def _init_random(xg: Tensor, K: int, gen: torch.Generator) -> Tensor:
     return C
 
 
-def _init_kmeanspp(xg: Tensor, K: int, gen: torch.Generator) -> Tensor:
-    """D²-sampling for every group at once, on at most ``max(8K, 4096)`` points."""
+def _init_kmeanspp(xg: Tensor, K: int, gen: torch.Generator,
+                   rounds: Optional[int] = None) -> Tensor:
+    """D²-sampling for every group at once, on at most ``max(8K, 4096)`` points.
+
+    ``rounds``: None = one codeword per step (k-means++); else ``rounds`` steps that
+    each draw ``ceil((K-1)/rounds)`` codewords (without replacement) from the same D²
+    distribution, updating the distances once per step."""
     M, G, dg = xg.shape
     cap = max(8 * K, 4096)
     if M > cap:
@@ -337,13 +406,24 @@ def _init_kmeanspp(xg: Tensor, K: int, gen: torch.Generator) -> Tensor:
     first = torch.randint(M, (G,), generator=gen).to(xg.device)
     C[:, 0] = xg[first, garange]
     d2 = ((xg - C[:, 0].unsqueeze(0)) ** 2).sum(-1).double()  # [M, G]
-    for j in range(1, K):
+    step = 1 if rounds is None else max(1, math.ceil((K - 1) / rounds))
+    j = 1
+    while j < K:
+        n = min(step, K - j)
         w = d2.t().clone()  # [G, M]
-        dead = w.sum(1) <= 0  # every point already a codeword: sample uniformly
+        # Too few points with weight left (several already codewords): sample uniformly.
+        dead = (w > 0).sum(1) < n
         w[dead] = 1.0
-        pick = torch.multinomial(w.cpu(), 1, generator=gen).flatten().to(xg.device)
-        C[:, j] = xg[pick, garange]
-        d2 = torch.minimum(d2, ((xg - C[:, j].unsqueeze(0)) ** 2).sum(-1).double())
+        pick = torch.multinomial(w.cpu(), n, replacement=n > M,
+                                 generator=gen).to(xg.device)  # [G, n]
+        new = xg[pick, garange.unsqueeze(1)]  # [G, n, dg]
+        C[:, j:j + n] = new
+        if n == 1:
+            d2 = torch.minimum(d2, ((xg - new[:, 0].unsqueeze(0)) ** 2).sum(-1).double())
+        else:
+            dist = torch.cdist(xg.transpose(0, 1), new) ** 2  # [G, M, n]
+            d2 = torch.minimum(d2, dist.min(-1).values.t().double())
+        j += n
     return C
 
 

@@ -128,7 +128,8 @@ def patch(model: nn.Module, codebooks: Union[Codebooks, str, PathLike, None] = N
         new.train(orig.training)
         new.configure(codebook=None if codebooks is None else codebooks.layer(i),
                       devices=devices, distributed_cls=bool(distributed_cls),
-                      communicator=communicator, use_kernels=use_kernels, cls_state=state)
+                      communicator=communicator, use_kernels=use_kernels, cls_state=state,
+                      stage_sizes=None if codebooks is None else codebooks.stages(i))
         setattr(parent, name, new)
         record.swaps.append((parent, name, orig, new))
 

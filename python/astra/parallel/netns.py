@@ -63,6 +63,10 @@ class NetnsLab:
     def addr(self, rank: int) -> str:
         return f"10.231.{self.lab_id}.{rank + 1}"
 
+    def ifname(self, rank: int) -> str:
+        """Rank ``rank``'s interface inside its namespace (for ``GLOO_SOCKET_IFNAME``)."""
+        return f"{self.tag}r{rank}a"[:15]
+
     def prefix(self, rank: int) -> List[str]:
         """Command prefix that runs a program inside rank ``rank``'s namespace."""
         return ["ip", "netns", "exec", self.ns(rank)]
@@ -94,7 +98,7 @@ class NetnsLab:
             ns = self.ns(r)
             _run("ip", "netns", "add", ns)
             self._made.append(ns)
-            a, b = f"{self.tag}r{r}a"[:15], f"{self.tag}r{r}b"[:15]
+            a, b = self.ifname(r), f"{self.tag}r{r}b"[:15]
             _run("ip", "link", "add", a, "netns", ns, "type", "veth", "peer", "name", b,
                  "netns", self.hub)
             _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")

@@ -1,0 +1,350 @@
+"""Calibration methods: how a model's codebooks are made from calibration data.
+
+All methods leave the model's weights untouched (plug-and-play):
+
+- ``kmeans``: per layer and group, k-means on the attention input X
+  (:meth:`Codebooks.fit`); the baseline.
+- ``residual``: a first full-width codebook (G=1, K codewords) refined by further
+  stages, each a k-means on what the stages before it left (residual VQ). A token is
+  S codes, ``sum_s ceil(log2 K_s)`` bits; a remote key is still a sum of S table rows,
+  so the ops take the S stages as S "groups" (smaller stages padded to the largest K).
+- ``distill`` (on top of either): gradient descent on the codebooks only, so that the
+  patched model's output (simulate mode, N devices) matches the unpatched model's on
+  calibration inputs. The codes are re-chosen (nearest codeword) at every step.
+
+:func:`calibrate` runs a :class:`Method` and caches the result under
+:func:`astra.zoo.cache_dir`, keyed by model identity, method, seed and data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .codebooks import Codebooks, collect_activations
+
+__all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "distill", "cache_path"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to make codebooks.
+
+    Args:
+        groups: G (must be 1 with ``stages``).
+        codebook_size: K (the first stage's size with ``stages``).
+        stages: sizes of the residual stages after the first (``(16,)``: 4096+16).
+        layer_stages: per-layer overrides of ``stages``, ``((layer, (K2, ...)), ...)``
+            (negative layers count from the end): bits go where the error is. Layers
+            with fewer stages than the most get stages of size 1 (no bits: a fixed
+            offset). Bits per token are then the mean over layers.
+        distill_steps: steps of codebook distillation after k-means (0: none).
+        distill_lr: Adam learning rate of the distillation.
+        distill_batch: calibration batches per distillation step.
+        iters: Lloyd iterations per k-means.
+        max_points: k-means points per layer (a random subset; None: all).
+        init: k-means init (``"sampled"``, ``"k-means++"``, ``"random"``).
+        seed: seeds k-means and the distillation's batch order.
+    """
+
+    groups: int = 1
+    codebook_size: int = 1024
+    stages: Tuple[int, ...] = ()
+    layer_stages: Tuple[Tuple[int, Tuple[int, ...]], ...] = ()
+    distill_steps: int = 0
+    distill_lr: float = 2e-3
+    distill_batch: int = 1
+    iters: int = 12
+    max_points: Optional[int] = 32768
+    init: str = "sampled"
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(int(k) for k in self.stages))
+        object.__setattr__(self, "layer_stages", tuple(
+            (int(li), tuple(int(k) for k in ks)) for li, ks in self.layer_stages))
+        if (self.stages or self.layer_stages) and self.groups != 1:
+            raise ValueError(f"residual stages need groups=1 (got groups={self.groups})")
+        if self.groups < 1 or self.codebook_size < 1 or any(k < 1 for k in self.stages):
+            raise ValueError(f"bad method {self}")
+
+    @property
+    def name(self) -> str:
+        """Short label: ``kmeans``, ``residual``, ``kmeans+distill`` ..."""
+        base = "residual" if self.residual else "kmeans"
+        return base + ("+distill" if self.distill_steps else "")
+
+    @property
+    def residual(self) -> bool:
+        return bool(self.stages or self.layer_stages)
+
+    @property
+    def stage_sizes(self) -> Optional[Tuple[int, ...]]:
+        """The stage sizes of the layers without an override (None: grouped)."""
+        return (self.codebook_size,) + self.stages if self.residual else None
+
+    def layer_stage_sizes(self, num_layers: int) -> Optional[List[Tuple[int, ...]]]:
+        """Every layer's stage sizes, padded with size-1 stages to one length."""
+        if not self.residual:
+            return None
+        rows = [(self.codebook_size,) + self.stages for _ in range(num_layers)]
+        for li, ks in self.layer_stages:
+            rows[li % num_layers] = (self.codebook_size,) + ks
+        S = max(len(r) for r in rows)
+        return [r + (1,) * (S - len(r)) for r in rows]
+
+    def bits(self, num_layers: int = 1) -> float:
+        """Mean bits per token and layer."""
+        rows = self.layer_stage_sizes(num_layers)
+        if rows is None:
+            return self.groups * max(1, math.ceil(math.log2(self.codebook_size)))
+        b = sum(sum(math.ceil(math.log2(k)) for k in r) for r in rows) / num_layers
+        return int(b) if b == int(b) else b
+
+    @property
+    def bits_per_token(self) -> float:
+        """Bits per token (uniform methods; see :meth:`bits` with per-layer stages)."""
+        return self.bits()
+
+    def describe(self) -> str:
+        sizes = "+".join(map(str, self.stage_sizes)) if self.residual else \
+            f"G={self.groups} K={self.codebook_size}"
+        for li, ks in self.layer_stages:
+            sizes += f", layer {li}: " + "+".join(map(str, (self.codebook_size,) + ks))
+        d = f", distill {self.distill_steps} steps" if self.distill_steps else ""
+        return f"{self.name} ({sizes}{d})"
+
+
+# ------------------------------------------------------------------------ k-means
+
+def fit_kmeans(acts: Sequence[Tensor], groups: int, codebook_size: int, *, iters: int = 12,
+               seed: int = 0, max_points: Optional[int] = 32768, init: str = "sampled",
+               model: Optional[nn.Module] = None, progress: bool = True) -> Codebooks:
+    """Plain k-means codebooks (see :meth:`Codebooks.fit`)."""
+    return Codebooks.fit(acts, groups, codebook_size, iters=iters, seed=seed,
+                         progress=progress, init=init, model=model, max_points=max_points)
+
+
+def fit_residual(acts: Sequence[Tensor], stage_sizes, *, iters: int = 12,
+                 seed: int = 0, max_points: Optional[int] = 32768, init: str = "sampled",
+                 model: Optional[nn.Module] = None, progress: bool = True) -> Codebooks:
+    """Residual codebooks ``[L, S, max K, D]``: stage s is k-means (G=1) on the residual
+    the stages before it left. Rows past a stage's own size are zero padding.
+    ``stage_sizes``: one tuple for all layers, or one per layer (equal lengths)."""
+    if len(stage_sizes) and not isinstance(stage_sizes[0], int):
+        rows = [tuple(int(k) for k in r) for r in stage_sizes]
+        return _fit_residual_per_layer(acts, rows, iters=iters, seed=seed,
+                                       max_points=max_points, init=init, model=model,
+                                       progress=progress)
+    stage_sizes = tuple(int(k) for k in stage_sizes)
+    gen = torch.Generator().manual_seed(int(seed))
+    xs = []
+    for a in acts:
+        x = a.detach().reshape(-1, a.shape[-1]).float()
+        if max_points is not None and x.shape[0] > max_points:
+            x = x[torch.randperm(x.shape[0], generator=gen)[:max_points]]
+        xs.append(x)
+    Kmax = max(stage_sizes)
+    L, D = len(xs), xs[0].shape[-1]
+    out = torch.zeros(L, len(stage_sizes), Kmax, D)
+    first = None
+    for s, k in enumerate(stage_sizes):
+        cb = Codebooks.fit(xs, 1, k, iters=iters, seed=seed + s, progress=progress,
+                           init=init, model=model)
+        first = first or cb
+        out[:, s, :k] = cb.tensor[:, 0]
+        xs = [x - cb.decode(li, cb.encode(li, x)) for li, x in enumerate(xs)]
+    return Codebooks(out, model=first.model, name=first.name, config_hash=first.config_hash,
+                     stage_sizes=stage_sizes)
+
+
+def _fit_residual_per_layer(acts, rows, **kw) -> Codebooks:
+    """:func:`fit_residual` layer by layer, each with its own stage sizes."""
+    L, S = len(acts), len(rows[0])
+    if len(rows) != L or any(len(r) != S for r in rows):
+        raise ValueError(f"need {L} stage lists of one length, got {rows}")
+    model = kw.pop("model", None)
+    parts = [fit_residual([a], r, **kw) for a, r in zip(acts, rows)]
+    out = torch.zeros(L, S, max(max(r) for r in rows), acts[0].shape[-1])
+    for li, p in enumerate(parts):
+        out[li, :, :p.tensor.shape[2]] = p.tensor[0]
+    ident = {}
+    if model is not None:
+        from .models import resolve
+        idn = resolve(model)[1].identity(model)
+        ident = {k: idn[k] for k in ("model", "name", "config_hash")}
+    return Codebooks(out, stage_sizes=rows, **ident)
+
+
+# ------------------------------------------------------------------------ distillation
+
+def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: Sequence[Tensor],
+            forward: Callable[[nn.Module, object], Tensor], *, devices: int, steps: int,
+            lr: float = 2e-3, batch_size: int = 1, seed: int = 0,
+            distributed_cls: Optional[bool] = None, progress: bool = True) -> Codebooks:
+    """Fit ``codebooks`` to the model's output by gradient descent on the codebooks only.
+
+    The model is patched (simulate mode, ``devices`` devices, the differentiable torch
+    path) and, for ``steps`` steps, each layer's codebook takes an Adam step on
+    ``1 - cos`` between ``forward(patched, batch)`` and ``targets[i]`` (the unpatched
+    model's ``forward`` on the same batch), per token and mean-pooled. The weights are
+    frozen and untouched; the model is unpatched afterwards.
+
+    Args:
+        batches: calibration inputs (each what ``forward`` takes); ``targets`` aligned.
+        forward: ``(model, batch) -> [B, T, D]`` features.
+        batch_size: how many of ``batches`` are concatenated per step.
+    """
+    from .patch import patch, unpatch
+    from .attention import AstraAttention
+
+    if steps <= 0:
+        return codebooks
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    patch(model, codebooks, devices=devices, distributed_cls=distributed_cls, strict=False)
+    try:
+        attns = [m for m in model.modules() if isinstance(m, AstraAttention)]
+        params = []
+        for a in attns:
+            a.codebook = a.codebook.clone().requires_grad_(True)
+            params.append(a.codebook)
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        gen = torch.Generator().manual_seed(int(seed))
+        from tqdm.auto import tqdm
+        order: List[int] = []
+        with tqdm(total=steps, desc="distill codebooks", disable=not progress) as bar:
+            for _ in range(steps):
+                idx = []
+                for _ in range(batch_size):
+                    if not order:
+                        order = torch.randperm(len(batches), generator=gen).tolist()
+                    idx.append(order.pop())
+                loss = 0.0
+                for i in idx:
+                    out = forward(model, batches[i])
+                    loss = loss + _cos_loss(out, targets[i], _mask_of(batches[i]))
+                loss = loss / len(idx)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        tensor = torch.stack([a.codebook.detach().cpu() for a in attns])
+        for li in range(tensor.shape[0]):  # keep the padding rows at zero
+            for s, k in enumerate(codebooks.stages(li) or ()):
+                tensor[li, s, k:] = 0
+    finally:
+        unpatch(model)
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+        model.train(was_training)
+    out = Codebooks(tensor, model=codebooks.model, name=codebooks.name,
+                    config_hash=codebooks.config_hash,
+                    stage_sizes=None if codebooks.stage_sizes is None else
+                    [codebooks.stages(i) for i in range(codebooks.num_layers)])
+    out.history, out.reseeded = codebooks.history, codebooks.reseeded
+    return out
+
+
+def _mask_of(batch) -> Optional[Tensor]:
+    return batch.get("attention_mask") if isinstance(batch, dict) else None
+
+
+def _cos_loss(out: Tensor, ref: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``1 - cos`` per token (mean over real tokens) plus ``1 - cos`` of the mean-pooled
+    vectors (what a sentence embedding sees)."""
+    out, ref = out.float(), ref.float()
+    if mask is None:
+        mask = torch.ones(out.shape[:2], dtype=out.dtype)
+    m = mask.to(out.dtype)
+    tok = ((1 - torch.cosine_similarity(out, ref, dim=-1)) * m).sum() / m.sum()
+    po = (out * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+    pr = (ref * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+    pooled = (1 - torch.cosine_similarity(po, pr, dim=-1)).mean()
+    return tok + pooled
+
+
+# ------------------------------------------------------------------------ entry point
+
+def cache_path(model: nn.Module, method: Method, data_key: str, devices: int):
+    """Where :func:`calibrate` caches the codebooks of this model/method/data."""
+    from .models import resolve
+    from .zoo import cache_dir
+    ident = resolve(model)[1].identity(model)
+    spec = dataclasses.asdict(method)
+    if not method.distill_steps:  # distillation settings do not change plain k-means
+        for k in ("distill_lr", "distill_batch"):
+            spec.pop(k)
+    spec = dict(spec, model=ident["model"], name=ident["name"],
+                config_hash=ident["config_hash"], data=data_key,
+                devices=devices if method.distill_steps else None)
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir() / "codebooks" / f"{method.name.replace('+', '-')}-{h}.safetensors"
+
+
+def data_key(batches: Sequence) -> str:
+    """A hash of the calibration inputs (tensors of each batch)."""
+    h = hashlib.sha256()
+    for b in batches:
+        vals = b.values() if isinstance(b, dict) else (b if isinstance(b, (tuple, list)) else [b])
+        for v in vals:
+            if isinstance(v, Tensor):
+                h.update(str(tuple(v.shape)).encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def calibrate(model: nn.Module, batches: Sequence, method: Method, *, devices: int = 4,
+              forward: Optional[Callable] = None, distributed_cls: Optional[bool] = None,
+              max_tokens: Optional[int] = None, cache: bool = True,
+              progress: bool = True, log: Callable[[str], None] = lambda s: None) -> Codebooks:
+    """Codebooks for ``model`` by ``method`` on calibration ``batches`` (cached).
+
+    ``forward(model, batch) -> [B, T, D]`` is needed for distillation (the features
+    whose cosine to the unpatched model's is maximized).
+    """
+    path = cache_path(model, method, data_key(batches), devices) if cache else None
+    if path is not None and path.exists():
+        log(f"codebooks from cache {path}")
+        return Codebooks.load(path, expect=model)
+    if method.distill_steps:
+        if forward is None:
+            raise ValueError("distillation needs forward(model, batch) -> features")
+        # The k-means starting point is cached on its own: other step counts reuse it.
+        cb = calibrate(model, batches, dataclasses.replace(method, distill_steps=0),
+                       devices=devices, max_tokens=max_tokens, cache=cache,
+                       progress=progress, log=log)
+        with torch.no_grad():
+            targets = [forward(model, b).detach() for b in batches]
+        cb = distill(model, cb, batches, targets, forward, devices=devices,
+                     steps=method.distill_steps, lr=method.distill_lr,
+                     batch_size=method.distill_batch, seed=method.seed,
+                     distributed_cls=distributed_cls, progress=progress)
+    else:
+        acts = collect_activations(model, batches, max_tokens=max_tokens)
+        kw = dict(iters=method.iters, seed=method.seed, max_points=method.max_points,
+                  init=method.init, model=model, progress=progress)
+        if method.layer_stages:
+            cb = fit_residual(acts, method.layer_stage_sizes(len(acts)), **kw)
+        elif method.stages:
+            cb = fit_residual(acts, method.stage_sizes, **kw)
+        else:
+            cb = fit_kmeans(acts, method.groups, method.codebook_size, **kw)
+        del acts
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cb.save(path)
+        log(f"codebooks cached at {path}")
+    return cb

@@ -1,0 +1,404 @@
+"""The runner's communicator: framed point-to-point transfers with link emulation.
+
+:class:`DistCommunicator` implements :class:`astra.Communicator` (``exchange``) plus
+``exchange_start`` (asynchronous: returns a handle whose ``wait()`` gives the payloads,
+so the local partial attention runs while the bytes travel), ``allreduce`` (tensor
+parallelism: reduce-scatter + all-gather, each a framed exchange so fp16/int8 wires
+compress it too) and ``gather_to_root``.
+
+Every collective is a set of ``isend``/``irecv`` of frames (:mod:`astra.parallel.wire`):
+an all-gather where each rank sends its frame to the ranks that need it (every other
+rank; only later ranks for causal models). Sizes are known on both sides in advance
+(chunk sizes are part of the run's set-up), so each receive buffer has exactly the
+size of the expected frame and the header is checked field by field.
+
+Link emulation (``link`` = a :class:`LinkModel`):
+  the collective starts at the latest ``t_send`` stamp among the frames this rank
+  receives and its own start; it completes ``latency (+ jitter) + serialization(plan)``
+  later, where the plan is every transfer of the collective (a shared medium serializes
+  all of them, a switched one only the busiest port). After the real transfer a rank
+  waits until that completion time on its clock: with :class:`WallClock` it sleeps
+  (waits happen in wall-clock time), with :class:`VirtualClock` it moves the clock
+  forward (compute is measured as the rank's own CPU time, so N ranks can share fewer
+  cores). Jitter is drawn from an RNG seeded by (seed, collective) on every rank alike;
+  packet loss (codes only) is drawn per (collective, sender, receiver): tokens whose
+  packed bits fall in a lost packet get code -1 (masked by the attention).
+  ``link_mode="latency"`` (real shaped link, e.g. netns) only adds the one-way latency
+  after the real transfer; bandwidth is the real link's.
+
+Failures: every wait has ``timeout_s``; a peer that died or hangs raises
+:class:`CommError` naming the rank, the collective and the peers, instead of hanging.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import wire
+from .links import LinkModel, missing_tokens
+
+__all__ = ["CommError", "WallClock", "VirtualClock", "DistCommunicator", "CollectiveStat"]
+
+
+class CommError(RuntimeError):
+    """A collective did not complete: a peer died, hung past the timeout, or sent garbage."""
+
+
+class WallClock:
+    """``time.monotonic`` (system-wide on Linux, so stamps compare across local ranks)."""
+
+    virtual = False
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait_until(self, t: float) -> float:
+        d = t - time.monotonic()
+        if d > 0:
+            time.sleep(d)
+        return max(d, 0.0)
+
+
+class VirtualClock:
+    """This thread's CPU time plus the waits the link model imposes.
+
+    Run torch with one intra-op thread per rank: the compute then happens in the
+    calling thread, and its CPU time is what a dedicated core would take. With
+    ``lock_path`` the ranks of one machine take turns on the CPU (an ``flock`` held
+    while computing, released while blocked on a transfer), so ranks that outnumber
+    the cores do not slow each other down through shared caches and cores; CPU time
+    burnt while blocked on a real transfer is not counted (the link model is).
+    """
+
+    virtual = True
+
+    def __init__(self, lock_path: Optional[str] = None):
+        self.offset = 0.0
+        self._fd = None
+        if lock_path:
+            self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self.acquire()
+        self.t0 = time.thread_time()
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.release()
+            os.close(self._fd)
+            self._fd = None
+
+    def now(self) -> float:
+        return self.offset + (time.thread_time() - self.t0)
+
+    def wait_until(self, t: float) -> float:
+        d = t - self.now()
+        if d > 0:
+            self.offset += d
+        return max(d, 0.0)
+
+
+@dataclass
+class CollectiveStat:
+    seq: int
+    what: str
+    bytes_sent: int
+    bytes_recv: int
+    link_s: float      # modelled duration of the collective (0 without emulation)
+    wait_s: float      # time this rank waited on the link after the real transfer
+    blocked_cpu_s: float = 0.0  # CPU time spent blocked on the real transfer
+
+
+@dataclass
+class _Handle:
+    comm: "DistCommunicator"
+    seq: int
+    what: str
+    works: List
+    recv_bufs: Dict[int, Tensor]
+    expect: Dict[int, dict]
+    plan: List
+    t_start: float
+    sent: int
+    own: Optional[Tensor] = None
+    done: bool = False
+    result: Optional[List[Tensor]] = None
+
+    def wait(self) -> List[Tensor]:
+        if not self.done:
+            self.result = self.comm._finish(self)
+            self.done = True
+        return self.result
+
+
+@dataclass
+class DistCommunicator:
+    """Communicator for one rank of a ``torch.distributed`` process group.
+
+    Args:
+        rank, world_size: this rank and the group size.
+        send_tokens: tokens each rank sends per layer (its chunk without a class copy).
+        causal: send only to later ranks (earlier ranks never attend to later ones).
+        wire: how float payloads travel: ``fp32``, ``fp16`` or ``int8``.
+        bits: bits per code (log2 K) for code payloads.
+        link: the :class:`LinkModel` to emulate, or None.
+        link_mode: ``"model"`` (bandwidth + latency emulated), ``"latency"`` (only the
+            latency: the link itself is real and shaped) or ``"none"``.
+        clock: :class:`WallClock` or :class:`VirtualClock`.
+        timeout_s: how long any wait may take before :class:`CommError`.
+    """
+
+    rank: int
+    world_size: int
+    send_tokens: Sequence[int]
+    causal: bool = False
+    wire: str = "fp32"
+    bits: int = 0
+    link: Optional[LinkModel] = None
+    link_mode: str = "model"
+    clock: object = field(default_factory=WallClock)
+    timeout_s: float = 60.0
+    stats: List[CollectiveStat] = field(default_factory=list)
+    tamper: Optional[object] = None  # tests: fn(seq, dst, frame) -> frame, applied on send
+    _seq: int = 0
+
+    # ------------------------------------------------------------------ Communicator
+    def receivers(self, src: int) -> List[int]:
+        if self.causal:
+            return list(range(src + 1, self.world_size))
+        return [d for d in range(self.world_size) if d != src]
+
+    def _kind(self, local: Tensor) -> str:
+        if local.dtype in (torch.int32, torch.int64, torch.int16):
+            if self.bits <= 0:
+                raise ValueError("code payloads need bits > 0 (log2 K)")
+            return "codes"
+        return self.wire
+
+    def exchange_start(self, layer_idx: int, local: Tensor) -> _Handle:
+        """Start the all-gather of ``local [B, T_r, W]``; ``.wait()`` returns the list."""
+        B, T, W = local.shape
+        if T != self.send_tokens[self.rank]:
+            raise ValueError(f"rank {self.rank} sends {T} tokens but the run declared "
+                             f"{self.send_tokens[self.rank]}")
+        kind = self._kind(local)
+        bits = self.bits if kind == "codes" else 0
+        senders = [s for s in range(self.world_size) if s != self.rank
+                   and self.rank in self.receivers(s)]
+        sizes = {s: wire.frame_nbytes(kind, B, self.send_tokens[s], W, bits)
+                 for s in range(self.world_size)}
+        plan = [(s, d, sizes[s]) for s in range(self.world_size) for d in self.receivers(s)]
+        expect = {s: dict(kind=kind, rows=B, tokens=self.send_tokens[s], width=W, bits=bits)
+                  for s in senders}
+        sends = {d: None for d in self.receivers(self.rank)}
+        h = self._post(f"exchange[{layer_idx}]", local, kind, bits, sends, expect, sizes, plan)
+        h.own = local
+        return h
+
+    def exchange(self, layer_idx: int, local: Tensor) -> List[Tensor]:
+        return self.exchange_start(layer_idx, local).wait()
+
+    # ---------------------------------------------------------------- tensor parallel
+    def allreduce(self, x: Tensor, what: str = "allreduce") -> Tensor:
+        """Sum of ``x`` over ranks: reduce-scatter then all-gather, both framed on the
+        wire (``2·(N-1)/N`` of the tensor per rank each way, like a ring all-reduce)."""
+        N = self.world_size
+        if N == 1:
+            return x
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+        parts = list(torch.tensor_split(flat, N, dim=0))
+        rows = [p.shape[0] for p in parts]
+        W = flat.shape[1]
+        kind = self.wire
+        # reduce-scatter: part d goes to rank d
+        sizes = {s: wire.frame_nbytes(kind, 1, rows[s], W) for s in range(N)}
+        plan = [(s, d, sizes[d]) for s in range(N) for d in range(N) if d != s]
+        expect = {s: dict(kind=kind, rows=1, tokens=rows[self.rank], width=W)
+                  for s in range(N) if s != self.rank}
+        sends = {d: parts[d].unsqueeze(0) for d in range(N) if d != self.rank}
+        got = self._post(f"{what}.rs", None, kind, 0, sends, expect, None, plan).wait()
+        mine = parts[self.rank].float().clone()
+        for s in range(N):
+            if s != self.rank:
+                mine += got[s][0]
+        mine = mine.to(x.dtype)
+        # all-gather of the reduced parts (every rank decodes the same bytes, so all agree)
+        sizes = {s: wire.frame_nbytes(kind, 1, rows[s], W) for s in range(N)}
+        plan = [(s, d, sizes[s]) for s in range(N) for d in range(N) if d != s]
+        expect = {s: dict(kind=kind, rows=1, tokens=rows[s], width=W) for s in range(N)
+                  if s != self.rank}
+        sends = {d: mine.unsqueeze(0) for d in range(N) if d != self.rank}
+        got = self._post(f"{what}.ag", None, kind, 0, sends, expect, None, plan).wait()
+        own = wire.decode_payload(wire.encode_payload(mine.unsqueeze(0), kind), kind, 1,
+                                  rows[self.rank], W) if kind != "fp32" else mine.unsqueeze(0)
+        got[self.rank] = own
+        return torch.cat([g[0] for g in got], dim=0).to(x.dtype).reshape(shape)
+
+    def gather_to_root(self, x: Tensor, what: str = "gather") -> Optional[List[Tensor]]:
+        """Rank 0 gets every rank's ``x [B, T_r, W]`` (fp32 on the wire, through the
+        link model); the others get None. ``T_r`` may differ per rank: the counts are
+        agreed first by a tiny all-gather outside the link model."""
+        N = self.world_size
+        B, T, W = x.shape
+        if N == 1:
+            return [x]
+        sizes_T = self._gather_sizes(T)
+        sizes = {s: wire.frame_nbytes("fp32", B, sizes_T[s], W) for s in range(N)}
+        plan = [(s, 0, sizes[s]) for s in range(1, N)]
+        if self.rank == 0:
+            expect = {s: dict(kind="fp32", rows=B, tokens=sizes_T[s], width=W)
+                      for s in range(1, N)}
+            got = self._post(what, None, "fp32", 0, {}, expect, None, plan).wait()
+            got[0] = x
+            return got
+        self._post(what, None, "fp32", 0, {0: x}, {}, None, plan).wait()
+        return None
+
+    def _gather_sizes(self, T: int) -> List[int]:
+        # token counts are part of the set-up for exchanges; for gathers the caller's
+        # T may differ per rank (the class copy), so agree on them out of band.
+        t = torch.tensor([T], dtype=torch.int64)
+        out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        self._guard(lambda: dist.all_gather(out, t, async_op=True), "gather sizes")
+        return [int(o) for o in out]
+
+    def barrier(self) -> None:
+        self._guard(lambda: dist.barrier(async_op=True), "barrier")
+
+    def _guard(self, start, what):
+        virtual = getattr(self.clock, "virtual", False)
+        if virtual:
+            self.clock.release()
+        c0 = time.thread_time()
+        try:
+            w = start()
+            w.wait(timeout=timedelta(seconds=self.timeout_s))
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise CommError(f"rank {self.rank}: {what} did not complete within "
+                            f"{self.timeout_s:g} s (a peer died or hangs): {e}") from e
+        finally:
+            if virtual:
+                self.clock.acquire()
+                self.clock.offset -= time.thread_time() - c0
+
+    # ------------------------------------------------------------------ transport
+    def _post(self, what, local, kind, bits, sends, expect, sizes, plan) -> _Handle:
+        seq = self._seq
+        self._seq += 1
+        t_start = self.clock.now()
+        tag = seq % (1 << 20)
+        works, sent = [], 0
+        frames = {}
+        for d, payload in sends.items():
+            key = id(payload if payload is not None else local)
+            if key not in frames:
+                frames[key] = wire.encode(payload if payload is not None else local, kind,
+                                          seq=seq, src=self.rank, t_send=t_start, bits=bits)
+            f = frames[key]
+            if self.tamper is not None:
+                f = self.tamper(seq, d, f.clone())
+            sent += f.numel()
+            works.append(("send", d, dist.isend(f, d, tag=tag)))
+        recv_bufs = {}
+        for s, e in expect.items():
+            n = wire.frame_nbytes(e["kind"], e["rows"], e["tokens"], e["width"], e.get("bits", 0))
+            buf = torch.empty(n, dtype=torch.uint8)
+            recv_bufs[s] = buf
+            works.append(("recv", s, dist.irecv(buf, s, tag=tag)))
+        return _Handle(self, seq, what, works, recv_bufs, expect, plan, t_start, sent)
+
+    def _finish(self, h: _Handle) -> List[Tensor]:
+        virtual = getattr(self.clock, "virtual", False)
+        if virtual:
+            self.clock.release()
+        c0 = time.thread_time()
+        for op, peer, w in h.works:
+            try:
+                w.wait(timeout=timedelta(seconds=self.timeout_s))
+            except Exception as e:  # noqa: BLE001
+                raise CommError(
+                    f"rank {self.rank}: {h.what} (collective {h.seq}) did not complete within "
+                    f"{self.timeout_s:g} s: {op} {'to' if op == 'send' else 'from'} rank "
+                    f"{peer} failed (that rank died or hangs): {e}") from e
+        blocked_cpu = time.thread_time() - c0
+        if virtual:
+            self.clock.acquire()
+            # CPU burnt while blocked on the real transfer is not compute: the link
+            # model accounts for the transfer
+            self.clock.offset -= blocked_cpu
+        out: List[Optional[Tensor]] = [None] * self.world_size
+        starts = [h.t_start]
+        recv = 0
+        for s, buf in h.recv_bufs.items():
+            e = h.expect[s]
+            fr = wire.decode(buf, seq=h.seq, src=s, **e)
+            starts.append(fr.t_send)
+            recv += buf.numel()
+            t = wire.decode_tensor(fr)
+            if fr.kind == "codes" and self.link is not None and self.link.loss > 0:
+                t = self._drop(t, h.seq, s, fr)
+            out[s] = t
+        link_s = wait_s = 0.0
+        if self.link is not None and self.link_mode != "none" and h.recv_bufs:
+            if self.link_mode == "model":
+                link_s = self._duration(h.seq, h.plan)
+                wait_s = self.clock.wait_until(max(starts) + link_s)
+            else:  # real shaped link: only the one-way latency is added here
+                link_s = self._latency(h.seq)
+                wait_s = self.clock.wait_until(self.clock.now() + link_s)
+        self.stats.append(CollectiveStat(h.seq, h.what, h.sent, recv, link_s, wait_s, blocked_cpu))
+        if h.own is not None:
+            out[self.rank] = h.own
+        for s in range(self.world_size):
+            if out[s] is None and h.own is not None:  # not needed here (causal): empty
+                B, _, W = h.own.shape
+                out[s] = h.own.new_empty(B, 0, W)
+        return out
+
+    # ------------------------------------------------------------------ link model
+    def _latency(self, seq: int) -> float:
+        lk = self.link
+        j = random.Random(lk.seed * 1_000_003 + seq).uniform(0, lk.jitter_ms) if lk.jitter_ms else 0.0
+        return (lk.latency_ms + j) * 1e-3
+
+    def _duration(self, seq: int, plan) -> float:
+        if not any(n > 0 and s != d for s, d, n in plan):
+            return 0.0
+        return self._latency(seq) + self.link.serialization_s(plan)
+
+    def _drop(self, codes: Tensor, seq: int, src: int, fr: wire.Frame) -> Tensor:
+        lk = self.link
+        rng = random.Random(((lk.seed * 1_000_003 + seq) * 4099 + src) * 4099 + self.rank)
+        nbytes = fr.payload.numel()
+        lost = [(a, min(a + lk.mtu, nbytes)) for a in range(0, nbytes, lk.mtu)
+                if rng.random() < lk.loss]
+        if not lost:
+            return codes
+        B, T, G = codes.shape
+        idx = missing_tokens(lost, G * fr.bits, B * T)
+        codes = codes.reshape(B * T, G).clone()
+        codes[idx] = -1
+        return codes.reshape(B, T, G)
+
+    # ------------------------------------------------------------------ reporting
+    def bytes_sent(self) -> int:
+        return sum(s.bytes_sent for s in self.stats)
+
+    def reset_stats(self) -> None:
+        self.stats = []

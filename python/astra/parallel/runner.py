@@ -1,0 +1,401 @@
+"""The runner: one process per rank, ``torch.distributed`` (gloo on CPU, NCCL-capable
+set-up on GPU), every rank holding the weights and its contiguous chunk of tokens.
+
+Process model
+-------------
+:func:`launch` starts ``world`` worker processes (``python -m astra.parallel.runner
+worker JOBFILE OUTDIR``) with the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``); for ``--link netns`` each is started inside its rank's
+network namespace. The parent watches them: when one fails the others are killed and
+:class:`RunnerError` carries the failing rank's traceback; nothing is left running.
+A worker runs a list of :class:`Job` s (several strategies share one start-up).
+
+Per layer, ``astra`` strategy (:class:`astra.AstraAttention` in distributed mode, with
+:class:`~astra.parallel.comm.DistCommunicator`): ``vq_encode`` the local attention input
+-> ``pack_codes`` -> framed ``isend``/``irecv`` to the ranks that need it (all others;
+later ranks only for causal models) -> the local partial attention (own tokens, full
+precision) runs while the bytes travel -> wait (link emulation) -> remote partial from
+the received codes through the projected codebooks -> ``merge_attention``.
+At the end each rank sends a summary (``output="compact"``) or its hidden states
+(``"full"``) to rank 0, which pools the class-token copies and applies the model's tail.
+
+Strategies: ``single`` (rank 0 alone, the plain model), ``sp`` (the same seam, the full
+attention input on the wire as fp32/fp16/int8), ``tp`` (Megatron: column/row-parallel
+linears, two all-reduces per block, on the wire as fp32/fp16/int8), ``astra``.
+
+Across real hosts (two machines, one rank each; the link is real, no emulation)::
+
+    # host A (10.0.0.1) and host B, same command but --node_rank 0 / 1:
+    torchrun --nnodes 2 --nproc_per_node 1 --node_rank 0 \\
+        --master_addr 10.0.0.1 --master_port 29511 \\
+        -m astra.parallel.runner torchrun --model gpt2 --strategy astra --tokens 1024
+
+(``GLOO_SOCKET_IFNAME`` picks the interface when a host has several.)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["Job", "RunnerError", "launch", "default_chunks", "ModelSpec", "summarize"]
+
+
+class RunnerError(RuntimeError):
+    pass
+
+
+@dataclass
+class ModelSpec:
+    """How every rank builds the same model: ``factory(**kwargs)`` (a top-level function,
+    so it pickles by reference); weights are seeded or loaded, never sent."""
+
+    factory: Callable
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def build(self):
+        return self.factory(**self.kwargs).eval()
+
+
+@dataclass
+class Job:
+    strategy: str                     # single | sp | tp | astra
+    inputs: torch.Tensor
+    wire: str = "fp32"
+    codebooks: Optional[torch.Tensor] = None   # [L, G, K, D/G] for astra
+    chunks: Optional[List[int]] = None         # content tokens per rank
+    output: str = "full"              # full | compact
+    link: Optional[Any] = None        # LinkModel
+    link_mode: str = "model"          # model | latency | none
+    clock: str = "wall"               # wall | virtual
+    repeats: int = 1
+    warmup: int = 0
+    timeout_s: float = 60.0
+    fault: Optional[str] = None       # tests: "die:<rank>", "hang:<rank>", "corrupt:<rank>", "truncate:<rank>"
+    name: str = ""
+
+
+def default_chunks(n_content: int, world: int) -> List[int]:
+    return [int(c.numel()) for c in torch.tensor_split(torch.arange(n_content), world)]
+
+
+# ------------------------------------------------------------------------------ worker
+
+def _tamper(kind: str):
+    def fn(seq, dst, frame):
+        if kind == "corrupt":
+            frame[-1] ^= 0xFF
+        elif kind == "truncate":  # header claims fewer bytes than the receiver expects
+            import struct
+            n = struct.unpack_from("<I", frame.numpy(), 28)[0]
+            struct.pack_into("<I", frame.numpy(), 28, max(n - 1, 0))
+        return frame
+    return fn
+
+
+def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
+    import astra
+    from .comm import DistCommunicator, VirtualClock, WallClock
+    from .staged import TPBlock, family_of
+
+    fam = family_of(model)
+    n = fam.n_content(job.inputs)
+    chunks = job.chunks or default_chunks(n, world)
+    if sum(chunks) != n or min(chunks) < 1:
+        raise ValueError(f"chunks {chunks} must be positive and sum to {n} tokens")
+    offs = [sum(chunks[:i]) for i in range(world)]
+    lo, hi = offs[rank], offs[rank] + chunks[rank]
+    G = K = bits = 0
+    if job.strategy == "astra":
+        if job.codebooks is None:
+            raise ValueError("strategy 'astra' needs codebooks")
+        G, K = int(job.codebooks.shape[1]), int(job.codebooks.shape[2])
+        bits = max(1, (K - 1).bit_length())
+    comm = DistCommunicator(rank, world, chunks, causal=fam.causal, wire=job.wire, bits=bits,
+                            link=job.link, link_mode=job.link_mode, timeout_s=job.timeout_s)
+    if job.fault:
+        what, who = job.fault.split(":")
+        if int(who) == rank and what in ("corrupt", "truncate"):
+            comm.tamper = _tamper(what)
+
+    patched = False
+    tp_blocks = None
+    if job.strategy in ("astra", "sp"):
+        cbs = None
+        if job.strategy == "astra":
+            cbs = astra.Codebooks(job.codebooks)
+        astra.patch(model, cbs, communicator=comm, strict=False)
+        patched = True
+    elif job.strategy == "tp":
+        tp_blocks = [TPBlock(fam.tp_spec(b), rank, world, comm) for b in fam.blocks()]
+    elif job.strategy == "single":
+        if fam.causal:  # the plain HF blocks need the model's causal mask; N=1 patch = original
+            astra.patch(model, None, devices=1)
+            patched = True
+    else:
+        raise ValueError(f"unknown strategy {job.strategy!r}")
+
+    def forward():
+        if job.strategy == "single":
+            if rank != 0:
+                return None
+            h = fam.embed(job.inputs, 0, n, fam.has_cls)
+            for b in fam.blocks():
+                h = fam.run_block(b, h)
+            if job.output == "compact":
+                return fam.finish_compact([fam.summary(h, fam.has_cls)], n + fam.has_cls)
+            return fam.tail(h)
+        if job.strategy == "tp":
+            h = fam.embed(job.inputs, 0, n, fam.has_cls)
+            for b in tp_blocks:
+                h = b(h)
+            if rank != 0:
+                return None
+            if job.output == "compact":
+                return fam.finish_compact([fam.summary(h, fam.has_cls)], n + fam.has_cls)
+            return fam.tail(h)
+        h = fam.embed(job.inputs, lo, hi, fam.has_cls)
+        if job.fault == f"die:{rank}":
+            os._exit(3)
+        if job.fault == f"hang:{rank}":
+            time.sleep(3600)
+        for b in fam.blocks():
+            h = fam.run_block(b, h)
+        if job.output == "compact":
+            got = comm.gather_to_root(fam.summary(h, fam.has_cls), "gather.summary")
+            return None if got is None else fam.finish_compact(got, n + fam.has_cls)
+        got = comm.gather_to_root(h, "gather.hidden")
+        if got is None:
+            return None
+        if fam.has_cls:
+            cls = torch.stack([g[:, 0] for g in got]).mean(0).unsqueeze(1)
+            h = torch.cat([cls] + [g[:, 1:] for g in got], 1)
+        else:
+            h = torch.cat(got, 1)
+        return fam.tail(h)
+
+    times, sent, waits, out = [], [], [], None
+    try:
+        with torch.no_grad():
+            for it in range(job.warmup + job.repeats):
+                comm.clock = WallClock()
+                comm.barrier()
+                comm.clock = (VirtualClock(os.environ.get("ASTRA_CPU_LOCK"))
+                              if job.clock == "virtual" else WallClock())
+                comm.reset_stats()
+                t0 = comm.clock.now()
+                out = forward()
+                t = comm.clock.now() - t0
+                if job.clock == "virtual":
+                    comm.clock.close()
+                if it >= job.warmup:
+                    times.append(t)
+                    sent.append(comm.bytes_sent())
+                    waits.append(sum(s.wait_s for s in comm.stats))
+        stats = [dict(what=s.what, sent=s.bytes_sent, recv=s.bytes_recv, link_s=s.link_s,
+                      wait_s=s.wait_s, blocked_cpu_s=s.blocked_cpu_s) for s in comm.stats]
+    finally:
+        if patched:
+            astra.unpatch(model)
+    return dict(name=job.name, strategy=job.strategy, wire=job.wire, rank=rank, times=times,
+                bytes_sent=sent, waits=waits, collectives=stats, chunks=chunks,
+                output=out if rank == 0 else None, bits=bits, G=G, K=K)
+
+
+def _worker(jobfile: str, outdir: str) -> int:
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    with open(jobfile, "rb") as f:
+        spec = pickle.load(f)
+    torch.set_num_threads(spec.get("threads", 1))
+    timeout = max(j.timeout_s for j in spec["jobs"])
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout))
+    try:
+        import astra_kernels
+        astra_kernels.set_code_checks(False)  # codes come from our own encoder / decoder
+        model = spec["model"].build()
+        results = [_run_job(j, model, rank, world) for j in spec["jobs"]]
+        torch.save(results, Path(outdir) / f"rank{rank}.pt")
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - peers may be gone already
+            pass
+    return 0
+
+
+# ------------------------------------------------------------------------------ launch
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model: ModelSpec, jobs: Sequence[Job], world: int, *, threads: int = 1,
+           netns=None, startup_timeout_s: float = 120.0) -> List[List[Dict[str, Any]]]:
+    """Run ``jobs`` on ``world`` fresh worker processes; returns ``results[job][rank]``.
+
+    ``netns``: a :class:`~astra.parallel.netns.NetnsLab` (entered) to start rank r in
+    its namespace; rank 0's lab address is the rendezvous.
+    """
+    jobs = list(jobs)
+    budget = startup_timeout_s + sum((j.warmup + j.repeats + 1) * j.timeout_s for j in jobs)
+    with tempfile.TemporaryDirectory(prefix="astra-run-") as tmp:
+        jobfile = os.path.join(tmp, "jobs.pkl")
+        with open(jobfile, "wb") as f:
+            pickle.dump(dict(model=model, jobs=jobs, threads=threads), f)
+        port = _free_port()
+        procs, logs = [], []
+        src = str(Path(__file__).resolve().parents[2])
+        try:
+            for r in range(world):
+                env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           OMP_NUM_THREADS=str(threads),
+                           ASTRA_CPU_LOCK=os.path.join(tmp, "cpu.lock"),
+                           PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                cmd = [sys.executable, "-m", "astra.parallel.runner", "worker", jobfile, tmp]
+                if netns is not None:
+                    env["MASTER_ADDR"] = netns.addr(0)
+                    env["GLOO_SOCKET_IFNAME"] = netns.ifname(r)
+                    cmd = netns.prefix(r) + ["env"] + [f"{k}={v}" for k, v in env.items()
+                                                       if k in _PASS] + cmd
+                log = open(os.path.join(tmp, f"rank{r}.log"), "w+")
+                logs.append(log)
+                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+            _watch(procs, logs, budget)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            for log in logs:
+                log.close()
+        per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
+                    for r in range(world)]
+    return [[per_rank[r][j] for r in range(world)] for j in range(len(jobs))]
+
+
+_PASS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+         "ASTRA_CPU_LOCK",
+         "PYTHONPATH", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE", "ASTRA_CACHE", "PATH", "HOME")
+
+
+def _tail(log, n=3000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-n:]
+
+
+def _watch(procs, logs, budget: float) -> None:
+    t_end = time.monotonic() + budget
+    while True:
+        codes = [p.poll() for p in procs]
+        bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        if bad:
+            time.sleep(0.2)  # let the others report their own error first
+            # the first to fail is the root cause when it died; when it merely reports a
+            # peer's failure, prefer a rank that died without a Python traceback
+            r = bad[0]
+            for q in bad:
+                if "Traceback" not in _tail(logs[q]):
+                    r = q
+            msgs = "\n".join(f"--- rank {q} (exit {codes[q] if codes[q] is not None else procs[q].poll()}):\n"
+                             f"{_tail(logs[q], 1500)}" for q in range(len(procs))
+                             if procs[q].poll() not in (None, 0) or q == r)
+            raise RunnerError(f"rank {r} failed (exit {codes[r]}); the run was stopped.\n{msgs}")
+        if all(c == 0 for c in codes):
+            return
+        if time.monotonic() > t_end:
+            raise RunnerError(f"the run did not finish within {budget:.0f} s; stopped")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------- CLI
+
+def summarize(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One job's per-rank results -> median latency (rank 0's clock), bytes per device."""
+    r0 = results[0]
+    par = r0["strategy"] != "single"
+    sent = [statistics.median(r["bytes_sent"]) for r in results] if par else [0]
+    return dict(strategy=r0["strategy"], wire=r0["wire"], latency_s=statistics.median(r0["times"]),
+                times=r0["times"], bytes_per_device=max(sent),
+                wait_s=statistics.median(r0["waits"]) if r0["waits"] else 0.0)
+
+
+def _cmd_run(args) -> int:
+    from astra.bench import e2e
+    from .links import LinkModel
+    model, inputs, cbs = e2e.setup(args.model, args.tokens)
+    chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else None
+    link = LinkModel(args.bandwidth, args.latency_ms, medium=args.medium,
+                     jitter_ms=args.jitter_ms, loss=args.loss)
+    job = Job(args.strategy, inputs, wire=args.wire, codebooks=cbs, chunks=chunks,
+              output="compact", link=link,
+              clock=args.clock, repeats=args.repeats, warmup=1)
+    res = summarize(launch(model, [job], args.devices)[0])
+    wire = f" wire={res['wire']}" if res["strategy"] in ("sp", "tp") else ""
+    print(f"{args.model} {res['strategy']}{wire} N={args.devices}: "
+          f"median {res['latency_s'] * 1e3:.1f} ms, {res['bytes_per_device']:.0f} B sent per device, "
+          f"link waits {res['wait_s'] * 1e3:.1f} ms")
+    return 0
+
+
+def _main(argv: List[str]) -> int:
+    if argv and argv[0] == "worker":
+        try:
+            return _worker(argv[1], argv[2])
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
+    if argv and argv[0] == "torchrun":
+        return _torchrun(argv[1:])
+    raise SystemExit("usage: python -m astra.parallel.runner worker JOBFILE OUTDIR | torchrun ...")
+
+
+def _torchrun(argv: List[str]) -> int:
+    """Entry under ``torchrun``: every rank builds the same job from the arguments."""
+    from astra.bench import e2e
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gpt2")
+    ap.add_argument("--strategy", default="astra")
+    ap.add_argument("--wire", default="fp32")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    model, inputs, cbs = e2e.setup(a.model, a.tokens)
+    job = Job(a.strategy, inputs, wire=a.wire, codebooks=cbs, output="compact",
+              link=None, link_mode="none", repeats=a.repeats, warmup=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        jf = os.path.join(tmp, "jobs.pkl")
+        with open(jf, "wb") as f:
+            pickle.dump(dict(model=model, jobs=[job], threads=1), f)
+        _worker(jf, tmp)
+        r = torch.load(os.path.join(tmp, f"rank{os.environ['RANK']}.pt"), weights_only=False)[0]
+    if int(os.environ["RANK"]) == 0:
+        print(f"median {statistics.median(r['times']) * 1e3:.1f} ms, "
+              f"{statistics.median(r['bytes_sent']):.0f} B sent by rank 0")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,125 @@
+"""Wire format, link model, loss and the real (netns) link."""
+import math
+import subprocess
+
+import pytest
+import torch
+
+from astra.parallel import wire
+from astra.parallel.comm import DistCommunicator, VirtualClock
+from astra.parallel.links import LinkModel, all_gather_plan
+from astra.parallel.netns import netns_supported
+
+
+@pytest.mark.parametrize("G,K", [(1, 1024), (4, 16), (32, 1024), (3, 7)])
+def test_code_frame_size_is_G_log2K_bits_per_token_plus_header(G, K):
+    bits = max(1, (K - 1).bit_length())
+    codes = torch.randint(0, K, (2, 37, G), dtype=torch.int32)
+    f = wire.encode(codes, "codes", seq=5, src=1, t_send=1.5, bits=bits)
+    assert f.numel() == wire.HEADER_BYTES + math.ceil(2 * 37 * G * bits / 8)
+    fr = wire.decode(f, kind="codes", seq=5, src=1, rows=2, tokens=37, width=G, bits=bits)
+    assert fr.t_send == 1.5
+    assert torch.equal(wire.decode_tensor(fr), codes)
+
+
+@pytest.mark.parametrize("kind,tol", [("fp32", 0), ("fp16", 1e-3), ("int8", 1e-2)])
+def test_float_frames_roundtrip(kind, tol):
+    x = torch.randn(2, 5, 48)
+    f = wire.encode(x, kind, seq=0, src=0, t_send=0.0)
+    assert f.numel() == wire.frame_nbytes(kind, 2, 5, 48)
+    y = wire.decode_tensor(wire.decode(f, kind=kind, seq=0, src=0, rows=2, tokens=5, width=48))
+    assert (y - x).abs().max() <= tol * x.abs().max()
+
+
+def _frame():
+    codes = torch.randint(0, 16, (1, 9, 2), dtype=torch.int32)
+    return wire.encode(codes, "codes", seq=3, src=2, t_send=0.0, bits=4)
+
+
+EXPECT = dict(kind="codes", seq=3, src=2, rows=1, tokens=9, width=2, bits=4)
+
+
+@pytest.mark.parametrize("mutate,words", [
+    (lambda f: f.__setitem__(0, ord("X")), "bad magic"),
+    (lambda f: f.__setitem__(-1, int(f[-1]) ^ 1), "checksum"),
+    (lambda f: f.__setitem__(8, 4), "seq=4"),
+    (lambda f: f.__setitem__(20, 8), "tokens=8"),
+])
+def test_malformed_frames_are_rejected(mutate, words):
+    f = _frame().clone()
+    mutate(f)
+    with pytest.raises(wire.PayloadError, match=words):
+        wire.decode(f, **EXPECT)
+
+
+def test_truncated_frames_are_rejected():
+    f = _frame()
+    with pytest.raises(wire.PayloadError, match="truncated"):
+        wire.decode(f[:-2], **EXPECT)
+    with pytest.raises(wire.PayloadError, match="shorter than"):
+        wire.decode(f[:10], **EXPECT)
+    with pytest.raises(wire.PayloadError, match="expected"):
+        wire.decode(f, **dict(EXPECT, src=1))
+
+
+def test_link_model_shared_vs_switched():
+    plan = all_gather_plan([1000, 1000, 1000])
+    shared = LinkModel(8.0, 2.0, medium="shared")
+    switched = LinkModel(8.0, 2.0, medium="switched")
+    assert shared.duration_s(plan) == pytest.approx(2e-3 + 6 * 1000 * 8 / 8e6)
+    assert switched.duration_s(plan) == pytest.approx(2e-3 + 2 * 1000 * 8 / 8e6)
+
+
+def test_loss_marks_tokens_missing_and_is_deterministic():
+    lk = LinkModel(10.0, loss=0.5, mtu=4, seed=1)
+    comm = DistCommunicator(1, 2, [40, 40], bits=4, link=lk)
+    codes = torch.randint(0, 16, (1, 40, 2), dtype=torch.int32)
+    f = wire.decode(wire.encode(codes, "codes", seq=7, src=0, t_send=0, bits=4),
+                    kind="codes", seq=7, src=0, rows=1, tokens=40, width=2, bits=4)
+    a = comm._drop(codes, 7, 0, f)
+    b = comm._drop(codes, 7, 0, f)
+    assert torch.equal(a, b)
+    miss = (a < 0).all(-1)
+    assert 0 < int(miss.sum()) < 40
+    assert ((a < 0).any(-1) == miss).all()         # a token is lost whole
+    # 4-byte packets of 8-bit tokens: lost tokens come in runs of 4
+    assert int(miss.sum()) % 4 == 0
+    assert torch.equal(a[~miss.unsqueeze(-1).expand_as(a)], codes[~miss.unsqueeze(-1).expand_as(a)])
+
+
+def test_virtual_clock_advances_on_waits_only_forward():
+    c = VirtualClock()
+    t = c.now()
+    assert c.wait_until(t + 5.0) > 4.9
+    assert c.now() >= t + 5.0
+    assert c.wait_until(0.0) == 0.0
+
+
+# --------------------------------------------------------------------------- netns
+
+def _astra_namespaces():
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [l.split()[0] for l in out.splitlines() if l.startswith("astra")]
+
+
+@pytest.mark.skipif(netns_supported() is not None, reason=str(netns_supported()))
+def test_netns_link_runs_and_cleans_up():
+    from astra.bench import e2e
+    from astra.parallel.netns import NetnsLab
+    from astra.parallel.runner import Job, ModelSpec, launch
+    before = set(_astra_namespaces())
+    x = torch.randint(0, 97, (2, 20))
+    spec = ModelSpec(e2e.tiny_gpt2)
+    ref = spec.build()(x).logits
+    lk = LinkModel(10.0, latency_ms=1.0)
+    with NetnsLab(2, 10.0) as lab:
+        res = launch(spec, [Job("sp", x, link=lk, link_mode="latency")], 2, netns=lab)
+        assert lab.ns(0) in _astra_namespaces()
+    torch.testing.assert_close(res[0][0]["output"], ref.detach(), rtol=1e-4, atol=1e-4)
+    assert set(_astra_namespaces()) == before
+    # and cleanup also happens when the body fails
+    with pytest.raises(ZeroDivisionError):
+        with NetnsLab(2, 10.0) as lab:
+            assert lab.ns(1) in _astra_namespaces()
+            1 / 0
+    assert set(_astra_namespaces()) == before

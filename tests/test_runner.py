@@ -1,0 +1,160 @@
+"""The distributed runner: real processes (gloo) against the single-process references.
+
+Each launch starts fresh worker processes (a few seconds of imports each), so one
+launch runs several jobs and the tests share it through a module-scoped fixture.
+"""
+import time
+
+import pytest
+import torch
+
+import astra
+from astra.bench import e2e
+from astra.parallel import wire
+from astra.parallel.links import LinkModel
+from astra.parallel.runner import Job, ModelSpec, RunnerError, launch
+
+G, K = 2, 16
+BITS = 4
+
+CASES = {
+    # name: (factory, world, tokens) -- tokens chosen so chunks are uneven
+    "gpt2-N2": (e2e.tiny_gpt2, 2, 23),
+    "bert-N3": (e2e.tiny_bert, 3, 24),   # 23 content tokens over 3 ranks: 8, 8, 7
+    "gpt2-N4": (e2e.tiny_gpt2, 4, 30),
+}
+
+
+def _inputs(tokens, seed=0):
+    return torch.randint(0, 97, (2, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def _reference(model, x, cb, world):
+    with torch.no_grad():
+        out = model(x)
+        ref = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        astra.patch(model, astra.Codebooks(cb), devices=world)
+        try:
+            out = model(x)
+        finally:
+            astra.unpatch(model)
+        sim = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return ref, sim
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    factory, world, tokens = CASES[request.param]
+    spec = ModelSpec(factory)
+    model = spec.build()
+    x = _inputs(tokens)
+    with torch.no_grad():
+        cb = e2e.quick_codebooks(model, x, G=G, K=K)
+    ref, sim = _reference(model, x, cb, world)
+    n = tokens - (1 if factory is e2e.tiny_bert else 0)
+    odd = [1] * (world - 1) + [n - world + 1]  # very uneven chunks (a slow device first)
+    jobs = [Job("astra", x, codebooks=cb, name="astra"), Job("sp", x, name="sp"),
+            Job("tp", x, name="tp"), Job("single", x, name="single"),
+            Job("sp", x, chunks=odd, name="sp-odd"), Job("tp", x, wire="int8", name="tp-int8"),
+            Job("sp", x, wire="fp16", name="sp-fp16"),
+            Job("astra", x, codebooks=cb, name="astra-loss",
+                link=LinkModel(1000.0, 0.0, loss=0.5, mtu=2, seed=3))]
+    t0 = time.monotonic()
+    res = launch(spec, jobs, world)
+    return dict(world=world, x=x, cb=cb, ref=ref, sim=sim, res=dict(zip([j.name for j in jobs], res)),
+                secs=time.monotonic() - t0, causal=factory is e2e.tiny_gpt2)
+
+
+def test_astra_equals_simulate(case):
+    out = case["res"]["astra"][0]["output"]
+    torch.testing.assert_close(out, case["sim"], rtol=1e-5, atol=1e-5)
+    # and the codes did change something (the check is not vacuous)
+    assert (case["sim"] - case["ref"]).abs().max() > 1e-4
+
+
+def test_packet_loss_masks_tokens_but_stays_finite(case):
+    out = case["res"]["astra-loss"][0]["output"]
+    assert torch.isfinite(out).all()
+    assert (out - case["sim"]).abs().max() > 1e-5  # some codes were lost and masked
+
+
+@pytest.mark.parametrize("name", ["sp", "tp", "single", "sp-odd"])
+def test_baselines_equal_single_device(case, name):
+    torch.testing.assert_close(case["res"][name][0]["output"], case["ref"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,tol", [("tp-int8", 0.15), ("sp-fp16", 2e-2)])
+def test_compressed_wires_are_close(case, name, tol):
+    out, ref = case["res"][name][0]["output"], case["ref"]
+    err = (out - ref).abs().max().item()
+    assert 0 < err < tol * ref.abs().max().item()
+
+
+def test_bytes_match_prediction(case):
+    world, x = case["world"], case["x"]
+    B = x.shape[0]
+    for r, res in enumerate(case["res"]["astra"]):
+        chunks = res["chunks"]
+        receivers = (world - 1 - r) if case["causal"] else world - 1
+        per_frame = wire.HEADER_BYTES + (B * chunks[r] * G * BITS + 7) // 8
+        ex = [c for c in res["collectives"] if c["what"].startswith("exchange")]
+        assert len(ex) == 2  # one per layer
+        for c in ex:
+            assert c["sent"] == receivers * per_frame
+        # sp at fp32 sends the whole attention input: 4 bytes per element
+        sp = [c for c in case["res"]["sp"][r]["collectives"] if c["what"].startswith("exchange")]
+        D = 32
+        assert all(c["sent"] == receivers * (wire.HEADER_BYTES + 4 * B * chunks[r] * D) for c in sp)
+
+
+def test_launch_is_short(case):
+    assert case["secs"] < 60
+
+
+# ----------------------------------------------------------------------------- faults
+
+def _fault(fault, timeout=3.0):
+    spec = ModelSpec(e2e.tiny_bert)
+    x = _inputs(12)
+    t0 = time.monotonic()
+    with pytest.raises(RunnerError) as ei:
+        launch(spec, [Job("sp", x, fault=fault, timeout_s=timeout)], 2, startup_timeout_s=60)
+    return str(ei.value), time.monotonic() - t0
+
+
+def test_dead_rank_fails_the_run_clearly():
+    msg, secs = _fault("die:1")
+    assert "rank 1 failed" in msg and "exit 3" in msg
+    assert secs < 30
+
+
+def test_hanging_rank_times_out_clearly():
+    msg, secs = _fault("hang:1", timeout=3.0)
+    assert "did not complete within 3 s" in msg and "rank 1" in msg
+    assert secs < 30
+
+
+@pytest.mark.parametrize("fault,words", [("corrupt:1", "checksum"), ("truncate:1", "declares")])
+def test_malformed_payload_is_rejected(fault, words):
+    msg, _ = _fault(fault)
+    assert "PayloadError" in msg and words in msg
+
+
+# ------------------------------------------------------------------ link emulation
+
+def test_emulated_link_waits_in_wall_clock_and_virtual_clock_agrees():
+    spec = ModelSpec(e2e.tiny_gpt2)
+    x = _inputs(20)
+    lk = LinkModel(bandwidth_mbps=1.0, latency_ms=30.0)
+    jobs = [Job("sp", x, link=lk, output="compact", repeats=2),
+            Job("sp", x, link=lk, output="compact", repeats=2, clock="virtual")]
+    wall, virt = launch(spec, jobs, 2)
+    # rank 1 waits for rank 0's frame of 2 layers: 30 ms + 8*(44+4*2*10*32)/1e6 s each,
+    # then rank 0 waits for rank 1's summary (the gather)
+    per = 0.030 + 8 * (wire.HEADER_BYTES + 4 * 2 * 10 * 32) / 1e6
+    gather = 0.030 + 8 * (wire.HEADER_BYTES + 4 * 2 * 1 * 32) / 1e6
+    expect = 2 * per + gather
+    t_wall = min(wall[0]["times"])
+    t_virt = min(virt[0]["times"])
+    assert expect <= t_wall < expect + 0.15
+    assert expect <= t_virt < expect + 0.15
