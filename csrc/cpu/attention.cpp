@@ -6,14 +6,36 @@
 // that is loaded or gathered serves all of them. Items run in parallel
 // (at::parallel_for); query tiles are visited in zig-zag order so that the static
 // split hands each thread a similar amount of causal work.
-// Per item, key tiles of kKeyTile: first the local keys, then the remote ones.
-// Remote keys come from codes (gathered from the projected codebooks pk/pv into a
-// per-tile scratch, sum over groups in fp32, rounded to the table dtype as the
-// reference does) or from materialized remote_k/remote_v. For each tile:
+// Per item, key tiles of kKeyTile: first the local keys, then the remote ones. For
+// each tile:
 //   S = (scale q) . K^T                         tile_gemm, fp32
-//   mask: invisible (causal position, missing or out-of-range code) -> -inf
+//   S += bias (codebook space only), mask: invisible -> -inf
 //   online softmax: running max m, sum l; acc *= e^(m_old - m_new)
 //   acc += e^(S - m) . V                        tile_gemm, fp32
+// bf16 inputs (head dim a multiple of 16, CPU with AVX512-BF16): both GEMMs are
+// VDPBF16PS micro-kernels on bf16 pairs with fp32 accumulation (K^T and V tiles in
+// the VNNI layout, P rounded to bf16 as 16-bit SDPA does; the softmax stays fp32).
+// fp16 inputs, and bf16 elsewhere, are converted to fp32 and run the fp32 path.
+//
+// Key tables (KeyTable), built once per call in parallel and shared by all items:
+// - local keys, when there are several query tiles: K^T tiles (and V in fp32 for
+//   16-bit inputs), instead of a transpose/convert per key tile per item;
+// - remote keys in codebook space (G = 1, codes): tokens with one code have one key,
+//   so the remote part equals attention over the distinct codes c of batch b with
+//   score bias log(count_b(c)) (missing / out-of-range codes are not counted). Cost
+//   rule (build_codebook_table): used when the distinct codes U are fewer than the
+//   remote tokens (3/4 of them with a single query tile); then a query tile costs
+//   Tl + U keys instead of Tl + Tr, whatever Tr.
+//   Exactness rule per query tile, as the Triton kernel's: non-causal, or causal with
+//   every remote position <= the tile's smallest query position -> codebook space;
+//   every remote position > the tile's largest -> no remote work; otherwise the tile
+//   takes the gather loop with per-key masks.
+// Otherwise remote keys come from codes (gathered from the projected codebooks pk/pv
+// into a per-tile scratch, sum over groups in fp32, rounded to the table dtype as
+// the reference does) or from materialized remote_k/remote_v. With several query
+// tiles per head, each thread keeps the gathered tiles of its current head (items
+// are ordered by head; at most 32 MiB per thread) so they are gathered once per head
+// and thread, not once per query tile; no B x Hkv x Tr table is materialized.
 // Tiles that no query of the item can see are skipped before any load; the mask
 // is applied only to tiles that need it. Rows that see no key give zeros, lse=-inf.
 //
@@ -40,6 +62,27 @@ constexpr int64_t kKeyTile = 128;    // keys per tile; a multiple of fVec::size(
 constexpr int64_t kRowTarget = 128;  // query rows (heads x positions) per work item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Keys of one (batch, kv head) in fp32, laid out for the tile loop once per call
+// instead of once per query tile: K^T tiles [n_tiles][d][kKeyTile] and V rows
+// [n_tiles * kKeyTile][d], plus (codebook space) a per-key score bias.
+struct KeyTable {
+  int64_t B = 0, Hkv = 0, d = 0, cap = 0;  // cap: padded key capacity per (b, h)
+  std::vector<int64_t> n;                  // [B] keys per batch
+  at::Tensor kt, v, bias;                  // [B, Hkv, cap/kKeyTile, d, kKeyTile], [B, Hkv, cap, d], [B, cap]
+  bool dp = false;  // tiles hold VNNI bf16 words (K^T [d/2][kKeyTile], V [kKeyTile/2][d])
+  bool has_v = false;                      // false: V is read from the input (fp32, dense)
+
+  const float* kt_tile(int64_t b, int64_t h, int64_t j0) const {
+    return kt.data_ptr<float>() + ((b * Hkv + h) * cap + j0) * d;
+  }
+  const float* v_rows(int64_t b, int64_t h, int64_t j0) const {
+    return v.data_ptr<float>() + ((b * Hkv + h) * cap + j0) * d;
+  }
+  const float* bias_at(int64_t b, int64_t j0) const {
+    return bias.defined() ? bias.data_ptr<float>() + b * cap + j0 : nullptr;
+  }
+};
+
 template <typename scalar_t>
 struct AttnParams {
   const scalar_t *q, *k, *v;            // [B,H,Tq,d], [B,Hkv,Tl,d] x2
@@ -53,6 +96,12 @@ struct AttnParams {
   float scale;
   scalar_t* out;  // [B,H,Tq,d]
   float* lse;     // [B,H,Tq]
+  // Key tables built once per call and shared by every query tile (see KeyTable)
+  const struct KeyTable* local = nullptr;     // local keys, when there are several query tiles
+  const struct KeyTable* codebook = nullptr;  // remote keys in codebook space (G = 1)
+  int64_t rmin = 0, rmax = 0;                 // causal: remote position range
+  bool dp = false;  // bf16 inputs: VDPBF16PS GEMMs on VNNI tiles (else fp32 tile_gemm)
+  bool cache_gather = false;  // several query tiles per head: keep gathered remote tiles
 };
 
 inline void scale_row(float* x, int64_t n, float a) {
@@ -63,6 +112,109 @@ inline void scale_row(float* x, int64_t n, float a) {
   for (; j < n; ++j) x[j] *= a;
 }
 
+
+#if defined(__AVX512BF16__)
+// bf16 GEMM micro-kernels (VDPBF16PS: bf16 pairs, fp32 accumulation), for bf16 inputs.
+// Operands are 32-bit words holding bf16 pairs: A rows [M][n_pairs] (lda words per
+// row), B in VNNI layout [n_pairs][N] (ldb words per pair index), C fp32 [M][N].
+// C (+)= A . B over NC rows x NR 16-column vectors, all accumulators in registers.
+template <int NC, int NR, bool kAdd>
+inline void dp_block(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                     int64_t n_pairs, float* c, int64_t ldc) {
+  __m512 acc[NC][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < NC; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j)
+      acc[i][j] = kAdd ? _mm512_loadu_ps(c + i * ldc + j * 16) : _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < n_pairs; ++kp) {
+    __m512bh bv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j)
+      bv[j] = (__m512bh)_mm512_loadu_si512(static_cast<const void*>(b + kp * ldb + j * 16));
+#pragma GCC unroll 8
+    for (int i = 0; i < NC; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * lda + kp]));
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < NC; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(c + i * ldc + j * 16, acc[i][j]);
+}
+
+template <int NR, bool kAdd>
+inline void dp_rows(int64_t M, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                    int64_t n_pairs, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6) dp_block<6, NR, kAdd>(a + i * lda, lda, b, ldb, n_pairs, c + i * ldc, ldc);
+  switch (M - i) {
+    case 5: return dp_block<5, NR, kAdd>(a + i * lda, lda, b, ldb, n_pairs, c + i * ldc, ldc);
+    case 4: return dp_block<4, NR, kAdd>(a + i * lda, lda, b, ldb, n_pairs, c + i * ldc, ldc);
+    case 3: return dp_block<3, NR, kAdd>(a + i * lda, lda, b, ldb, n_pairs, c + i * ldc, ldc);
+    case 2: return dp_block<2, NR, kAdd>(a + i * lda, lda, b, ldb, n_pairs, c + i * ldc, ldc);
+    case 1: return dp_block<1, NR, kAdd>(a + i * lda, lda, b, ldb, n_pairs, c + i * ldc, ldc);
+    default: return;
+  }
+}
+
+// C[M, N] (+)= A . B, N a multiple of 16.
+template <bool kAdd>
+void dp_gemm(int64_t M, int64_t N, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+             int64_t n_pairs, float* c, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64) dp_rows<4, kAdd>(M, a, lda, b + j, ldb, n_pairs, c + j, ldc);
+  for (; j < N; j += 16) dp_rows<1, kAdd>(M, a, lda, b + j, ldb, n_pairs, c + j, ldc);
+}
+
+// K rows [bk][d] (fp32 holding bf16 values) -> VNNI K^T [d/2][kKeyTile] words, via a
+// bf16 copy [bk][d] (tmp) whose 32-bit words are transposed.
+inline void pack_kt_vnni(const float* k, int64_t bk, int64_t d, at::BFloat16* tmp, uint32_t* dst) {
+  cpu::from_f32(k, tmp, bk * d);
+  at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(tmp), d / 2,
+                                reinterpret_cast<float*>(dst), kKeyTile, static_cast<int>(bk),
+                                static_cast<int>(d / 2));
+}
+
+// V rows [bk][d] (fp32 holding bf16 values) -> VNNI [ceil(bk/2)][d] words: word (j2, n)
+// = (V[2 j2][n], V[2 j2 + 1][n]); a missing odd row is zero (P = 0 multiplies it).
+inline void pack_v_vnni(const float* v, int64_t bk, int64_t d, uint32_t* dst) {
+  for (int64_t j2 = 0; j2 < (bk + 1) / 2; ++j2) {
+    const float* r0 = v + 2 * j2 * d;
+    const bool has1 = 2 * j2 + 1 < bk;
+    for (int64_t n = 0; n < d; n += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(
+          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + n)));
+      const __m512i hi = has1 ? _mm512_cvtepu16_epi32(
+          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + d + n))) : _mm512_setzero_si512();
+      _mm512_storeu_si512(static_cast<void*>(dst + j2 * d + n),
+                          _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+inline bool dp_cpu() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+constexpr bool kHaveDp = true;
+#else
+inline bool dp_cpu() { return false; }
+constexpr bool kHaveDp = false;
+#endif
+
+// max without NaN propagation (scores are NaN only for NaN inputs, which the sum
+// of exponentials still carries to the output)
+inline fVec fast_max(const fVec& a, const fVec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return fVec(_mm512_max_ps(a, b));
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
 // State and scratch of one thread; one work item at a time.
 template <typename scalar_t>
 class AttnWorker {
@@ -71,7 +223,8 @@ class AttnWorker {
       : p_(p), d_(p.d), rep_(p.H / p.Hkv), bq_max_(bq_max),
         kp_(kKeyTile), ok_(kKeyTile), qp_(bq_max_) {
     const int64_t rows = rep_ * bq_max_;
-    buf_ = cpu::scratch_f32(2 * rows * d_ + rows * kKeyTile + 2 * rows + 3 * kKeyTile * d_);
+    buf_ = cpu::scratch_f32(2 * rows * d_ + rows * kKeyTile + 2 * rows + 3 * kKeyTile * d_ +
+                            (p.dp ? rows * d_ / 2 + rows * kKeyTile / 2 + kKeyTile * d_ : 0));
     q_ = buf_.data_ptr<float>();      // [rows, d] scaled queries
     acc_ = q_ + rows * d_;            // [rows, d] unnormalized output
     s_ = acc_ + rows * d_;            // [rows, kKeyTile] scores, then probabilities
@@ -80,6 +233,21 @@ class AttnWorker {
     kt_ = l_ + rows;                  // [d, kKeyTile] K tile transposed
     kf_ = kt_ + d_ * kKeyTile;        // [kKeyTile, d] K tile in fp32 (when converted)
     vf_ = kf_ + kKeyTile * d_;        // [kKeyTile, d] V tile in fp32 (when converted)
+    if (p.dp) {
+      auto* w = reinterpret_cast<uint32_t*>(vf_ + kKeyTile * d_);
+      qb_ = w;                                   // [rows, d/2] bf16 query pairs (unscaled)
+      pb_ = qb_ + rows * d_ / 2;                 // [rows, kKeyTile/2] bf16 probability pairs
+      ktv_ = pb_ + rows * kKeyTile / 2;          // [d/2, kKeyTile] VNNI K^T tile
+      vv_ = ktv_ + d_ * kKeyTile / 2;            // [kKeyTile/2, d] VNNI V tile
+      tmpb_ = reinterpret_cast<at::BFloat16*>(kt_);  // bf16 K rows for packing (kt_ unused)
+      int e;
+      q_scaled_ = std::frexp(p.scale, &e) == 0.5f && e > -100 && e < 100;
+    }
+    if (p.cache_gather) {
+      rc_tiles_ = cpu::ceil_div(p.Tr, kKeyTile);
+      rc_buf_ = cpu::scratch_f32(rc_tiles_ * 2 * kKeyTile * d_);
+      rc_done_.assign(rc_tiles_, 0);
+    }
   }
 
   void run(int64_t b, int64_t h, int64_t q0) {
@@ -95,32 +263,83 @@ class AttnWorker {
       }
       bool need_mask;
       if (!visible(bk, &need_mask)) continue;
-      const float* v = load_kv(p_.k + kv_off + j0 * d_, p_.v + kv_off + j0 * d_, bk);
-      attend(v, bk, need_mask);
-    }
-    const int64_t r_off = (b * p_.Hkv + h) * p_.Tr * d_;
-    for (int64_t j0 = 0; j0 < p_.Tr; j0 += kKeyTile) {
-      const int64_t bk = std::min(kKeyTile, p_.Tr - j0);
-      for (int64_t j = 0; j < bk; ++j) {
-        kp_[j] = p_.causal ? p_.remote_pos[j0 + j] : 0;
-        ok_[j] = p_.use_codes ? code_ok(p_.codes + (b * p_.Tr + j0 + j) * p_.G) : 1;
+      if (p_.local != nullptr) {
+        const KeyTable& t = *p_.local;
+        const float* v = t.has_v ? t.v_rows(b, h, j0)
+                                 : reinterpret_cast<const float*>(p_.v + kv_off + j0 * d_);
+        attend(t.kt_tile(b, h, j0), v, bk, need_mask, nullptr);
+      } else {
+        const float* v = load_kv(p_.k + kv_off + j0 * d_, p_.v + kv_off + j0 * d_, bk);
+        attend(kt_operand(), v, bk, need_mask, nullptr);
       }
-      bool need_mask;
-      if (!visible(bk, &need_mask)) continue;
-      const float* v = p_.use_codes ? gather_kv(b, h, j0, bk)
-                                : load_kv(p_.rk + r_off + j0 * d_, p_.rv + r_off + j0 * d_, bk);
-      attend(v, bk, need_mask);
+    }
+    if (p_.Tr > 0 && p_.codebook != nullptr && (!p_.causal || p_.rmax <= qmin_)) {
+      // codebook space: every remote token is visible to every query of this tile, so
+      // tokens sharing a code are one key with score bias log(count)
+      const KeyTable& t = *p_.codebook;
+      for (int64_t j0 = 0; j0 < t.n[b]; j0 += kKeyTile) {
+        const int64_t bk = std::min(kKeyTile, t.n[b] - j0);
+        attend(t.kt_tile(b, h, j0), t.v_rows(b, h, j0), bk, false, t.bias_at(b, j0));
+      }
+    } else if (p_.Tr > 0 && (!p_.causal || p_.rmin <= qmax_)) {
+      const int64_t r_off = (b * p_.Hkv + h) * p_.Tr * d_;
+      for (int64_t j0 = 0; j0 < p_.Tr; j0 += kKeyTile) {
+        const int64_t bk = std::min(kKeyTile, p_.Tr - j0);
+        for (int64_t j = 0; j < bk; ++j) {
+          kp_[j] = p_.causal ? p_.remote_pos[j0 + j] : 0;
+          ok_[j] = p_.use_codes ? code_ok(p_.codes + (b * p_.Tr + j0 + j) * p_.G) : 1;
+        }
+        bool need_mask;
+        if (!visible(bk, &need_mask)) continue;
+        if (p_.use_codes && rc_tiles_ > 0) {  // gathered once per (b, h) per thread
+          const float* kt;
+          const float* v = cached_gather(b, h, j0, bk, &kt);
+          attend(kt, v, bk, need_mask, nullptr);
+          continue;
+        }
+        const float* v = p_.use_codes ? gather_kv(b, h, j0, bk)
+                                  : load_kv(p_.rk + r_off + j0 * d_, p_.rv + r_off + j0 * d_, bk);
+        attend(kt_operand(), v, bk, need_mask, nullptr);
+      }
     }
     store(b, h, q0);
   }
 
  private:
+  // Gathered remote tiles of the current (b, h), kept while the thread's next items
+  // (other query tiles of the same head: items are ordered by head) reuse them.
+  // Slot per tile: K^T (or its VNNI form) then V, kKeyTile x d floats each.
+  const float* cached_gather(int64_t b, int64_t h, int64_t j0, int64_t bk, const float** kt) {
+    const int64_t bh = b * p_.Hkv + h, ti = j0 / kKeyTile, slot = kKeyTile * d_;
+    if (rc_bh_ != bh) {
+      rc_bh_ = bh;
+      std::fill(rc_done_.begin(), rc_done_.end(), 0);
+    }
+    float* ks = rc_buf_.data_ptr<float>() + ti * 2 * slot;
+    float* vs = ks + slot;
+    if (!rc_done_[ti]) {
+      const float* v = gather_kv(b, h, j0, bk);
+      const int64_t n = p_.dp ? slot / 2 : slot;  // VNNI tiles: bf16 pairs, half the words
+      std::copy(kt_operand(), kt_operand() + n, ks);
+      std::copy(v, v + n, vs);
+      rc_done_[ti] = 1;
+    }
+    *kt = ks;
+    return vs;
+  }
+
   void load_queries(int64_t b, int64_t h, int64_t q0) {
     for (int64_t hl = 0; hl < rep_; ++hl) {
       const scalar_t* src = p_.q + ((b * p_.H + h * rep_ + hl) * p_.Tq + q0) * d_;
       cpu::to_f32(src, q_ + hl * bq_ * d_, bq_ * d_);
     }
-    scale_row(q_, rows_ * d_, p_.scale);
+    if (p_.dp) {  // bf16 queries, scaled only when that is exact (a power of two):
+      // otherwise the scale is applied to the fp32 scores
+      if (q_scaled_) scale_row(q_, rows_ * d_, p_.scale);
+      cpu::from_f32(q_, reinterpret_cast<at::BFloat16*>(qb_), rows_ * d_);
+    } else {
+      scale_row(q_, rows_ * d_, p_.scale);
+    }
     std::fill(acc_, acc_ + rows_ * d_, 0.f);
     std::fill(m_, m_ + rows_, kNegInf);
     std::fill(l_, l_ + rows_, 0.f);
@@ -168,9 +387,23 @@ class AttnWorker {
       kf = kf_;
       vf = vf_;
     }
+    if (p_.dp) return pack_dp(kf, vf, bk);
     at::vec::transpose_mxn<float>(kf, d_, kt_, kKeyTile, static_cast<int>(bk),
                                   static_cast<int>(d_));
     return vf;
+  }
+
+  // dp mode: K, V rows in fp32 -> VNNI tiles ktv_, vv_; returns vv_ (as the V operand).
+  const float* pack_dp(const float* kf, const float* vf, int64_t bk) {
+#if defined(__AVX512BF16__)
+    pack_kt_vnni(kf, bk, d_, tmpb_, ktv_);
+    pack_v_vnni(vf, bk, d_, vv_);
+#endif
+    return reinterpret_cast<const float*>(vv_);
+  }
+
+  const float* kt_operand() const {
+    return p_.dp ? reinterpret_cast<const float*>(ktv_) : kt_;
   }
 
   // Remote key/value j = sum_g pk/pv[g, codes[b, j0+j, g], h]; missing keys get zeros
@@ -195,39 +428,71 @@ class AttnWorker {
         cpu::round_through<scalar_t>(vr, d_);
       }
     }
+    if (p_.dp) return pack_dp(kf_, vf_, bk);
     at::vec::transpose_mxn<float>(kf_, d_, kt_, kKeyTile, static_cast<int>(bk),
                                   static_cast<int>(d_));
     return vf_;
   }
 
-  void attend(const float* v, int64_t bk, bool need_mask) {
+  // kt: K^T tile [d][kKeyTile]; v: V rows [bk][d]; bias: per-key score bias or nullptr.
+  // dp mode: kt, v are the VNNI tiles (K^T [d/2][kKeyTile], V [kKeyTile/2][d] words).
+  void attend(const float* kt, const float* v, int64_t bk, bool need_mask, const float* bias) {
     constexpr int64_t kV = fVec::size();
     const int64_t bk_pad = cpu::round_up(bk, kV);
-    cpu::tile_gemm(rows_, bk, d_, d_, kKeyTile, kKeyTile, false, q_, kt_, s_);
+#if defined(__AVX512BF16__)
+    if (p_.dp) {
+      dp_gemm<false>(rows_, bk_pad, qb_, d_ / 2, reinterpret_cast<const uint32_t*>(kt), kKeyTile,
+                     d_ / 2, s_, kKeyTile);
+    } else
+#endif
+    {
+      cpu::tile_gemm(rows_, bk, d_, d_, kKeyTile, kKeyTile, false, q_, kt, s_);
+    }
     for (int64_t r = 0; r < rows_; ++r) {
       float* s = s_ + r * kKeyTile;
+      if (p_.dp && !q_scaled_) scale_row(s, bk, p_.scale);
       if (need_mask) {
         const int64_t qp = qp_[r % bq_];
         for (int64_t j = 0; j < bk; ++j) s[j] = (ok_[j] && kp_[j] <= qp) ? s[j] : kNegInf;
       }
+      if (bias != nullptr) {
+        int64_t j = 0;
+        for (; j + kV <= bk; j += kV) (fVec::loadu(s + j) + fVec::loadu(bias + j)).store(s + j);
+        for (; j < bk; ++j) s[j] += bias[j];
+      }
       std::fill(s + bk, s + bk_pad, kNegInf);
 
       fVec vmax(kNegInf);
-      for (int64_t j = 0; j < bk_pad; j += kV) vmax = at::vec::maximum(vmax, fVec::loadu(s + j));
+      for (int64_t j = 0; j < bk_pad; j += kV) vmax = fast_max(vmax, fVec::loadu(s + j));
       const float tile_max =
-          at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); },
-                                         vmax);
+          at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return fast_max(a, b); }, vmax);
       const float m_new = std::max(m_[r], tile_max);
       if (m_new == kNegInf) {  // nothing visible to this row yet: contributes nothing
         std::fill(s, s + bk_pad, 0.f);
+        if (p_.dp) {
+          auto* pr = reinterpret_cast<at::BFloat16*>(pb_) + r * kKeyTile;
+          std::fill(pr, pr + bk_pad, at::BFloat16(0.f));
+        }
         continue;
       }
       const fVec vm(m_new);
       fVec vsum(0.f);
-      for (int64_t j = 0; j < bk_pad; j += kV) {
-        const fVec e = (fVec::loadu(s + j) - vm).exp_u20();
-        e.store(s + j);
-        vsum = vsum + e;
+#if defined(__AVX512BF16__)
+      if (p_.dp) {  // P straight to bf16 (pairs of keys), as 16-bit SDPA rounds it
+        auto* pr = reinterpret_cast<at::BFloat16*>(pb_) + r * kKeyTile;
+        for (int64_t j = 0; j < bk_pad; j += kV) {
+          const fVec e = (fVec::loadu(s + j) - vm).exp_u20();
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+          vsum = vsum + e;
+        }
+      } else
+#endif
+      {
+        for (int64_t j = 0; j < bk_pad; j += kV) {
+          const fVec e = (fVec::loadu(s + j) - vm).exp_u20();
+          e.store(s + j);
+          vsum = vsum + e;
+        }
       }
       const float alpha = std::exp(m_[r] - m_new);  // 0 on the first visible tile
       l_[r] = l_[r] * alpha +
@@ -235,6 +500,14 @@ class AttnWorker {
       if (alpha != 1.f) scale_row(acc_ + r * d_, d_, alpha);
       m_[r] = m_new;
     }
+#if defined(__AVX512BF16__)
+    if (p_.dp) {
+      const int64_t n_even = cpu::round_up(bk, 2);  // <= bk_pad; P is 0 past bk
+      dp_gemm<true>(rows_, d_, pb_, kKeyTile / 2, reinterpret_cast<const uint32_t*>(v), d_,
+                    n_even / 2, acc_, d_);
+      return;
+    }
+#endif
     cpu::tile_gemm(rows_, d_, bk, kKeyTile, d_, d_, true, s_, v, acc_);
   }
 
@@ -260,17 +533,143 @@ class AttnWorker {
   std::vector<int64_t> qp_;  // query positions of the item (0 when not causal)
   at::Tensor buf_;
   float *q_, *acc_, *s_, *m_, *l_, *kt_, *kf_, *vf_;
+  uint32_t *qb_ = nullptr, *pb_ = nullptr, *ktv_ = nullptr, *vv_ = nullptr;
+  at::BFloat16* tmpb_ = nullptr;
+  bool q_scaled_ = false;
+  int64_t rc_tiles_ = 0, rc_bh_ = -1;  // remote gather cache (cached_gather)
+  at::Tensor rc_buf_;
+  std::vector<uint8_t> rc_done_;
   int64_t bq_ = 0, rows_ = 0, qmin_ = 0, qmax_ = 0;
 };
 
+// Fills t.kt / t.v for t.n[b] keys per (b, h); row(b, h, j) gives key j's K and V rows.
+template <typename scalar_t, typename RowFn>
+void fill_table(KeyTable& t, const RowFn& row) {
+  const int64_t d = t.d, cap = t.cap;
+  t.kt = at::empty({std::max<int64_t>(1, t.B * t.Hkv * cap * d)}, at::kFloat);
+  if (t.has_v) t.v = at::empty({std::max<int64_t>(1, t.B * t.Hkv * cap * d)}, at::kFloat);
+  at::parallel_for(0, t.B * t.Hkv, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor tmp = cpu::scratch_f32(3 * kKeyTile * d);
+    float* kf = tmp.data_ptr<float>();
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / t.Hkv, h = bh % t.Hkv;
+      for (int64_t j0 = 0; j0 < t.n[b]; j0 += kKeyTile) {
+        const int64_t bk = std::min(kKeyTile, t.n[b] - j0);
+        float* vdst = t.has_v ? t.v.data_ptr<float>() + (bh * cap + j0) * d : nullptr;
+        float* ktdst = t.kt.data_ptr<float>() + (bh * cap + j0) * d;
+#if defined(__AVX512BF16__)
+        if (t.dp) {  // VNNI tiles at the same offsets (they take half the slot)
+          float* vf = kf + kKeyTile * d;
+          for (int64_t j = 0; j < bk; ++j) {
+            const auto [kr, vr] = row(b, h, j0 + j);
+            cpu::to_f32(kr, kf + j * d, d);
+            cpu::to_f32(vr, vf + j * d, d);
+          }
+          pack_kt_vnni(kf, bk, d, reinterpret_cast<at::BFloat16*>(vf + kKeyTile * d),
+                       reinterpret_cast<uint32_t*>(ktdst));
+          pack_v_vnni(vf, bk, d, reinterpret_cast<uint32_t*>(vdst));
+          continue;
+        }
+#endif
+        for (int64_t j = 0; j < bk; ++j) {
+          const auto [kr, vr] = row(b, h, j0 + j);
+          cpu::to_f32(kr, kf + j * d, d);
+          if (vdst != nullptr) cpu::to_f32(vr, vdst + j * d, d);
+        }
+        at::vec::transpose_mxn<float>(kf, d, ktdst, kKeyTile, static_cast<int>(bk),
+                                      static_cast<int>(d));
+      }
+    }
+  });
+}
+
+// Codebook space (G = 1): per batch, the distinct valid codes in increasing order
+// and bias log(count). Cost rule: a query tile attends to U distinct codes instead
+// of Tr tokens, and the table costs about one gather pass over U keys, once per call.
+// So it is used when U < Tr (summed over the batch) and, with a single query tile
+// per (b, h) (no reuse of the table), when U <= 3/4 Tr. Returns false otherwise.
 template <typename scalar_t>
-void mixed_attention_kernel(const AttnParams<scalar_t>& p) {
+bool build_codebook_table(const AttnParams<scalar_t>& p, int64_t n_qt, KeyTable& t) {
+  std::vector<std::vector<int32_t>> uniq(p.B);
+  std::vector<std::vector<float>> cnt(p.B);
+  int64_t total = 0, n_max = 0;
+  std::vector<int32_t> count(p.K);
+  for (int64_t b = 0; b < p.B; ++b) {
+    std::fill(count.begin(), count.end(), 0);
+    const int32_t* c = p.codes + b * p.Tr;  // G = 1
+    for (int64_t j = 0; j < p.Tr; ++j)
+      if (c[j] >= 0 && c[j] < p.K) ++count[c[j]];  // missing / out of range: not a key
+    for (int64_t k = 0; k < p.K; ++k) {
+      if (count[k] == 0) continue;
+      uniq[b].push_back(static_cast<int32_t>(k));
+      cnt[b].push_back(std::log(static_cast<float>(count[k])));
+    }
+    total += static_cast<int64_t>(uniq[b].size());
+    n_max = std::max<int64_t>(n_max, static_cast<int64_t>(uniq[b].size()));
+  }
+  if (total >= p.B * p.Tr || (n_qt == 1 && 4 * total > 3 * p.B * p.Tr)) return false;
+  t.B = p.B, t.Hkv = p.Hkv, t.d = p.d, t.has_v = true, t.dp = p.dp;
+  t.cap = cpu::round_up(std::max<int64_t>(n_max, 1), kKeyTile);
+  t.n.resize(p.B);
+  t.bias = at::empty({p.B * t.cap}, at::kFloat);
+  for (int64_t b = 0; b < p.B; ++b) {
+    t.n[b] = static_cast<int64_t>(uniq[b].size());
+    std::copy(cnt[b].begin(), cnt[b].end(), t.bias.data_ptr<float>() + b * t.cap);
+  }
+  fill_table<scalar_t>(t, [&](int64_t b, int64_t h, int64_t j) {
+    const int64_t off = (static_cast<int64_t>(uniq[b][j]) * p.Hkv + h) * p.d;
+    return std::make_pair(p.pk + off, p.pv + off);
+  });
+  return true;
+}
+
+template <typename scalar_t>
+void mixed_attention_kernel(AttnParams<scalar_t>& p) {
+  // bf16 inputs: bf16 dot products with fp32 accumulation where the CPU has them
+  // (d a multiple of 16 so every tile is whole vectors; the fp32 path serves the rest)
+  p.dp = std::is_same_v<scalar_t, c10::BFloat16> && kHaveDp && dp_cpu() && p.d % 16 == 0 &&
+         p.d <= 256;
   const int64_t rep = p.H / p.Hkv;
   int64_t bq = std::max<int64_t>(1, std::min(p.Tq, kRowTarget / rep));
   // Smaller query tiles when there are too few items to keep every thread busy.
   while (bq > 16 && p.B * p.Hkv * cpu::ceil_div(p.Tq, bq) < 2 * at::get_num_threads())
     bq = cpu::ceil_div(bq, 2);
   const int64_t n_qt = cpu::ceil_div(p.Tq, bq);
+
+  // Local keys: transposed (and converted to fp32) once, not once per query tile.
+  KeyTable local;
+  if (n_qt > 1 && p.Tl > 0) {
+    local.B = p.B, local.Hkv = p.Hkv, local.d = p.d;
+    local.cap = cpu::round_up(p.Tl, kKeyTile);
+    local.n.assign(p.B, p.Tl);
+    local.has_v = !std::is_same_v<scalar_t, float> || p.dp;
+    local.dp = p.dp;
+    fill_table<scalar_t>(local, [&](int64_t b, int64_t h, int64_t j) {
+      const int64_t off = ((b * p.Hkv + h) * p.Tl + j) * p.d;
+      return std::make_pair(p.k + off, p.v + off);
+    });
+    p.local = &local;
+  }
+  // Remote keys in codebook space where that is exact and has fewer keys.
+  KeyTable codebook;
+  if (p.use_codes && p.G == 1 && p.Tr > 0) {
+    bool some_tile = true;  // causal: only tiles whose queries all follow every remote token
+    if (p.causal) {
+      p.rmin = *std::min_element(p.remote_pos, p.remote_pos + p.Tr);
+      p.rmax = *std::max_element(p.remote_pos, p.remote_pos + p.Tr);
+      some_tile = p.rmax <= *std::max_element(p.q_pos, p.q_pos + p.Tq);
+    }
+    if (some_tile && build_codebook_table(p, n_qt, codebook)) p.codebook = &codebook;
+  } else if (p.causal && p.Tr > 0) {
+    p.rmin = *std::min_element(p.remote_pos, p.remote_pos + p.Tr);
+    p.rmax = *std::max_element(p.remote_pos, p.remote_pos + p.Tr);
+  }
+
+  // Gather path with several query tiles per head: each thread keeps the remote tiles
+  // of its current head (up to 32 MiB per thread) instead of gathering them per tile.
+  p.cache_gather = p.use_codes && p.Tr > 0 && n_qt > 1 &&
+                   (p.codebook == nullptr || p.causal) &&
+                   cpu::ceil_div(p.Tr, kKeyTile) * 2 * kKeyTile * p.d * 4 <= (int64_t{32} << 20);
   at::parallel_for(0, p.B * p.Hkv * n_qt, 1, [&](int64_t begin, int64_t end) {
     AttnWorker<scalar_t> w(p, bq);
     for (int64_t item = begin; item < end; ++item) {

@@ -13,8 +13,15 @@ Cases and impl names are stable (outside checks read the JSON):
   (SDPA over full-precision K/V of the same total length); on CUDA also one row per
   Astra backend (``astra_triton``, ``astra_cuda``).
 
-FLOPs: VQ 2·M·D·K; attention 4·B·H·d·(visible query-key pairs). Codes are trusted
-(``set_code_checks(False)``), as in the runner, which produces them itself.
+FLOPs: VQ 2·M·D·K; attention 4·B·H·d·(visible query-key pairs) — the nominal count
+over all Tl + Tr keys, also when the codebook-space path attends to fewer. Codes are
+trusted (``set_code_checks(False)``), as in the runner, which produces them itself.
+
+VQ quality, beside the timings: ``fp32_agreement`` (row ``astra``) and
+``bf16_agreement`` (row ``astra_bf16``) are the fractions of codes equal to the exact
+argmin (the fp64 reference); ``bf16_mse_increase`` is the relative increase of the
+squared quantization error (fp64, on the fp32 values) of the bf16 codes over the exact
+ones. ``python -m astra.bench.kernels --sweep`` prints how time grows with M, K, G, Tr.
 """
 from __future__ import annotations
 
@@ -126,11 +133,24 @@ def _vq_impls(case: VQCase, device: str):
             xn = np.ascontiguousarray(x.numpy())
             impls["faiss_pq"] = lambda: pq.compute_codes(xn)
 
-    def quality() -> Dict[str, float]:
-        exact, err = ak.vq_encode(x, cb, return_error=True)
-        fast, err_fast = ak.vq_encode(x, cb, precision="bf16", return_error=True)
-        return {"bf16_agreement": float((exact == fast).float().mean()),
-                "bf16_mse_increase": float(err_fast.double().sum() / err.double().sum() - 1)}
+    def quality() -> Dict[str, Dict[str, float]]:
+        """Agreement with the exact argmin (fp64 reference) and the quantization error
+        of the chosen codewords, in fp64 on the fp32 values, relative to the exact one."""
+        from astra_kernels import reference
+        xc, cbc = x.cpu(), cb.cpu()
+        exact = reference.vq_encode(xc, cbc)[0]
+
+        def sq_err(codes: torch.Tensor) -> float:
+            xs = xc.double().reshape(case.M, case.G, -1)
+            chosen = torch.stack([cbc[g].double()[codes[:, g].long()] for g in range(case.G)], 1)
+            return float(((xs - chosen) ** 2).sum())
+
+        e_exact = sq_err(exact)
+        fp32 = ak.vq_encode(x, cb).cpu()
+        fast = ak.vq_encode(x, cb, precision="bf16").cpu()
+        return {"astra": {"fp32_agreement": float((fp32 == exact).float().mean())},
+                "astra_bf16": {"bf16_agreement": float((fast == exact).float().mean()),
+                               "bf16_mse_increase": sq_err(fast) / e_exact - 1}}
     return impls, 2.0 * case.M * case.D * case.K, quality
 
 
@@ -203,7 +223,7 @@ def run(device: Optional[str] = None, cases: Optional[List[str]] = None, quick: 
             for impl, fn in impls.items():
                 ms = median_ms(fn, device, min_time=min_time)
                 rows.append(Row(case.name, impl, ms, flops / (ms * 1e-3) / 1e9, device,
-                                extra if impl == "astra_bf16" else {}))
+                                extra.get(impl, {})))
     finally:
         ak.set_code_checks(old)
     return rows
@@ -215,7 +235,7 @@ ANCHORS = ("faiss_flat", "faiss_pq", "torch_cdist", "sdpa_dequant", "sdpa_full")
 def format_table(rows: List[Row]) -> str:
     """case | impl | median | GFLOP/s | ratio to each anchor of the same case."""
     peaks = {r.case: r.gflops for r in rows if r.case.startswith("matmul_peak")}
-    lines = [f"device: {rows[0].device}; measured matmul peaks: "
+    lines = [f"device: {rows[0].device}; threads: {torch.get_num_threads()}; measured matmul peaks: "
              + ", ".join(f"{k.split('_')[-1]} {v:,.0f} GFLOP/s" for k, v in peaks.items()), ""]
     head = f"{'case':<15}{'impl':<14}{'median ms':>11}{'GFLOP/s':>10}  ratio to anchors"
     lines += [head, "-" * len(head)]
@@ -244,3 +264,50 @@ def main(device: Optional[str], json_path: Optional[str], quick: bool,
             json.dump([r.as_dict() for r in rows], f, indent=1)
         print(f"\nwrote {json_path}")
     return 0
+
+
+def sweep(device: str = "cpu", min_time: float = 0.3) -> List[str]:
+    """How time grows with M, K, G (VQ encode) and Tr, G (attention): one line each.
+
+    ``python -m astra.bench.kernels --sweep`` (bench/RESULTS_cpu.md quotes its output).
+    Random data; codes uniform over K (so about K distinct codes once Tr >> K).
+    """
+    gen = torch.Generator().manual_seed(0)
+    lines = [f"threads={torch.get_num_threads()}"]
+    old = ak.api._CHECK_CODES
+    ak.set_code_checks(False)
+    try:
+        for M, D, G, K in ((1024, 768, 1, 1024), (4096, 768, 1, 1024), (16384, 768, 1, 1024),
+                           (4096, 768, 1, 256), (4096, 768, 1, 4096), (4096, 768, 8, 1024),
+                           (4096, 768, 32, 1024), (4096, 768, 96, 1024)):
+            cb = torch.randn(G, K, D // G, generator=gen).to(device)
+            x = torch.randn(M, D, generator=gen).to(device)
+            gf = 2 * M * D * K / 1e6
+            t32 = median_ms(lambda: ak.vq_encode(x, cb), device, min_time=min_time)
+            t16 = median_ms(lambda: ak.vq_encode(x, cb, precision="bf16"), device,
+                            min_time=min_time)
+            lines.append(f"vq   M={M:6d} D={D} G={G:3d} K={K:5d}: fp32 {t32:8.2f} ms "
+                         f"({gf / t32:5.0f} GFLOP/s)  bf16 {t16:8.2f} ms ({gf / t16:5.0f} GFLOP/s)")
+        for Tr, G, K, dtype in ((0, 1, 1024, torch.float32), (1024, 1, 1024, torch.float32),
+                                (3072, 1, 1024, torch.float32), (16384, 1, 1024, torch.float32),
+                                (65536, 1, 1024, torch.float32), (3072, 1, 4096, torch.float32),
+                                (1024, 2, 1024, torch.float32), (3072, 2, 1024, torch.float32),
+                                (16384, 2, 1024, torch.float32), (3072, 1, 1024, torch.bfloat16),
+                                (16384, 1, 1024, torch.bfloat16)):
+            r = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(device)  # noqa: E731
+            q, k, v = r(1, 12, 1024, 64), r(1, 12, 1024, 64), r(1, 12, 1024, 64)
+            pk, pv = r(G, K, 12, 64), r(G, K, 12, 64)
+            codes = torch.randint(0, K, (1, Tr, G), generator=gen, dtype=torch.int32).to(device)
+            t = median_ms(lambda: ak.mixed_attention(q, k, v, codes, pk, pv), device,
+                          min_time=min_time)
+            lines.append(f"attn H=12 d=64 Tq=Tl=1024 Tr={Tr:6d} G={G} K={K:5d} "
+                         f"{str(dtype).replace('torch.', ''):8s}: {t:8.2f} ms")
+    finally:
+        ak.set_code_checks(old)
+    return lines
+
+
+if __name__ == "__main__":
+    import sys
+    if "--sweep" in sys.argv:
+        print("\n".join(sweep()))
