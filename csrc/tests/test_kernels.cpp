@@ -13,7 +13,7 @@ namespace {
 
 int failures = 0;
 
-#define CHECK(cond, ...)                            \
+#define EXPECT(cond, ...)                            \
   do {                                              \
     if (!(cond)) {                                  \
       ++failures;                                   \
@@ -36,16 +36,16 @@ void test_pack() {
   auto unpack = op<Tensor(const Tensor&, at::IntArrayRef, int64_t)>("astra_C::unpack_codes");
   // code i at bits [i*b, (i+1)*b), least significant bit first
   Tensor p = pack.call(at::tensor({1, 2, 3}, at::kInt), 2);
-  CHECK(p.numel() == 1 && p.scalar_type() == at::kByte && p[0].item<int>() == 0x39,
+  EXPECT(p.numel() == 1 && p.scalar_type() == at::kByte && p[0].item<int>() == 0x39,
         "bit layout of {1,2,3} at 2 bits");
   at::manual_seed(0);
   for (int64_t bits = 1; bits <= 16; ++bits) {
     for (int64_t n : {0, 1, 7, 8, 9, 1001}) {
       Tensor codes = at::randint(0, int64_t(1) << bits, {n}, at::kInt);
       Tensor packed = pack.call(codes, bits);
-      CHECK(packed.numel() == (n * bits + 7) / 8, "byte count bits=%ld n=%ld", bits, n);
+      EXPECT(packed.numel() == (n * bits + 7) / 8, "byte count bits=%ld n=%ld", bits, n);
       Tensor back = unpack.call(packed, {n}, bits);
-      CHECK(at::equal(back, codes), "round trip bits=%ld n=%ld", bits, n);
+      EXPECT(at::equal(back, codes), "round trip bits=%ld n=%ld", bits, n);
     }
   }
 }
@@ -78,9 +78,9 @@ void test_vq_encode() {
       wrong += oa[m][g] != arg;
       total += best;
     }
-    CHECK(std::fabs(err[m].item<float>() - total) <= 1e-4 * (1 + total), "err row %ld", m);
+    EXPECT(std::fabs(err[m].item<float>() - total) <= 1e-4 * (1 + total), "err row %ld", m);
   }
-  CHECK(wrong == 0, "%d codes differ from brute force", wrong);
+  EXPECT(wrong == 0, "%d codes differ from brute force", wrong);
 }
 
 // Naive attention over local + code-built remote keys, in double.
@@ -135,7 +135,7 @@ void test_mixed_attention() {
           const double ref_lse = s.empty() ? -std::numeric_limits<double>::infinity() : mx + std::log(sum);
           const double got_lse = lse[b][h][i].item<double>();
           if (s.empty()) {
-            CHECK(std::isinf(got_lse) && got_lse < 0, "lse of a row with no keys");
+            EXPECT(std::isinf(got_lse) && got_lse < 0, "lse of a row with no keys");
           } else {
             max_err = std::max(max_err, std::fabs(got_lse - ref_lse));
           }
@@ -145,7 +145,7 @@ void test_mixed_attention() {
             max_err = std::max(max_err, std::fabs(out[b][h][i][j].item<double>() - o));
           }
         }
-    CHECK(max_err < 1e-4, "mixed_attention causal=%d max error %g", int(causal), max_err);
+    EXPECT(max_err < 1e-4, "mixed_attention causal=%d max error %g", int(causal), max_err);
   }
 }
 
@@ -158,8 +158,8 @@ void test_merge() {
   auto [out, lse] = merge.call(oa, la, ob, lb);
   Tensor l = at::logaddexp(la, lb);
   Tensor ref = (at::exp(la - l).unsqueeze(-1) * oa + at::exp(lb - l).unsqueeze(-1) * ob);
-  CHECK(at::allclose(lse, l, 1e-5, 1e-5), "merged lse");
-  CHECK(at::allclose(out, ref, 1e-5, 1e-5), "merged out");
+  EXPECT(at::allclose(lse, l, 1e-5, 1e-5), "merged lse");
+  EXPECT(at::allclose(out, ref, 1e-5, 1e-5), "merged out");
 }
 
 }  // namespace
