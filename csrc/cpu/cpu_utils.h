@@ -13,6 +13,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -120,6 +122,29 @@ inline void tile_gemm_done() {
   at::native::cpublas::brgemm_release(/*is_vnni=*/false);
 #endif
 }
+
+#if defined(__AVX512BF16__)
+// acc[i][j] += sum_kp A[i, kp] . B[kp, 16j .. 16j+15] with VDPBF16PS (bf16 pairs, fp32
+// accumulation), all NC x NR accumulators in registers. A: NC rows of 32-bit bf16 pairs
+// (lda words per row); B: VNNI layout, ldb words per pair index. The inner loop of the
+// bf16 micro-kernels of both vq_encode and attention.
+template <int NC, int NR>
+inline void dpbf16_accumulate(__m512 (&acc)[NC][NR], const uint32_t* a, int64_t lda,
+                              const uint32_t* b, int64_t ldb, int64_t n_pairs) {
+  for (int64_t kp = 0; kp < n_pairs; ++kp) {
+    __m512bh bv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j)
+      bv[j] = (__m512bh)_mm512_loadu_si512(static_cast<const void*>(b + kp * ldb + j * 16));
+#pragma GCC unroll 8
+    for (int i = 0; i < NC; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * lda + kp]));
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+    }
+  }
+}
+#endif
 
 // Per-thread scratch: one uninitialized fp32 buffer, 64-byte aligned by c10's allocator.
 inline at::Tensor scratch_f32(int64_t n) {

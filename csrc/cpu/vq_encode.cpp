@@ -469,18 +469,7 @@ inline void dp_block(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t 
   for (int i = 0; i < NC; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t kp = 0; kp < n_pairs; ++kp) {
-    __m512bh bv[NR];
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j)
-      bv[j] = (__m512bh)_mm512_loadu_si512(static_cast<const void*>(b + kp * ldb + j * 16));
-#pragma GCC unroll 8
-    for (int i = 0; i < NC; ++i) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * lda + kp]));
-#pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
-    }
-  }
+  cpu::dpbf16_accumulate<NC, NR>(acc, a, lda, b, ldb, n_pairs);
 #pragma GCC unroll 4
   for (int j = 0; j < NR; ++j) {
     __m512 bb = _mm512_loadu_ps(best + j * 16);
