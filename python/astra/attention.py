@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -247,7 +247,7 @@ class AstraAttention(nn.Module):
         self.head_dim = int(head_dim)
         self.scale = float(scale)
         self.causal = bool(causal)
-        self.attn_dropout = float(attn_dropout)
+        self.attn_dropout_p = float(attn_dropout)  # (GPT-2 has a submodule attn_dropout)
         self.register_buffer("codebook", None, persistent=False)
         self.stage_sizes: Optional[Tuple[int, ...]] = None  # residual codebook (configure)
         self.devices = 1
@@ -257,6 +257,10 @@ class AstraAttention(nn.Module):
         self._cls_state = None
         self._tables = None
         self._tables_key = None
+        # Training-time quantizer of the remote embeddings (fine-tuning: straight-through
+        # estimator, noise augmentation; see astra.finetune). Used only while
+        # ``self.training`` in simulate mode; None: plain nearest-codeword lookup.
+        self.quantizer: Optional[Callable[["AstraAttention", Tensor, ChunkLayout], Tensor]] = None
 
     # ------------------------------------------------------------ family interface
     def project_q(self, x: Tensor) -> Tensor:
@@ -422,7 +426,7 @@ class AstraAttention(nn.Module):
     def _kernel_ok(self, x: Tensor) -> bool:
         if self.use_kernels is False:
             return False
-        if self.training and self.attn_dropout > 0:
+        if self.training and (self.attn_dropout_p > 0 or self.quantizer is not None):
             return False
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
@@ -452,7 +456,10 @@ class AstraAttention(nn.Module):
         same = layout.same_device()
         quantized = self.codebook is not None and layout.devices > 1
         if quantized:
-            xq = self.dequantize(self.encode(x), x.dtype)
+            if self.training and self.quantizer is not None:
+                xq = self.quantizer(self, x, layout)  # fine-tuning: STE (+ noise)
+            else:
+                xq = self.dequantize(self.encode(x), x.dtype)
             kq, vq = self.project_kv(xq)
             kq, vq = _repeat_kv(kq, rep), _repeat_kv(vq, rep)
             scores_q = torch.matmul(q, kq.transpose(-1, -2)) * self.scale
@@ -466,8 +473,8 @@ class AstraAttention(nn.Module):
         if not bool(visible.all()):
             scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         p = _softmax(scores, q.dtype)
-        if self.training and self.attn_dropout > 0:
-            p = F.dropout(p, self.attn_dropout, training=True)
+        if self.training and self.attn_dropout_p > 0:
+            p = F.dropout(p, self.attn_dropout_p, training=True)
         if quantized:
             sd = same.to(p.dtype)
             out = torch.matmul(p * sd, v) + torch.matmul(p * (1 - sd), vq)
@@ -625,8 +632,8 @@ class AstraAttention(nn.Module):
             visible &= (kpos.unsqueeze(0) <= qpos.unsqueeze(1))
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         p = _softmax(scores, q.dtype)
-        if self.training and self.attn_dropout > 0:
-            p = F.dropout(p, self.attn_dropout, training=True)
+        if self.training and self.attn_dropout_p > 0:
+            p = F.dropout(p, self.attn_dropout_p, training=True)
         return torch.matmul(p, vals)
 
 

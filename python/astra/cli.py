@@ -57,7 +57,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # Subcommands that live next to their code: each module has ``add_parser(subparsers)``
 # that adds its parser and sets ``func``. Import must stay cheap (no torch models).
-SUBCOMMAND_MODULES: List[str] = ["astra.evaluate", "astra.parallel.cli", "astra.demo"]
+SUBCOMMAND_MODULES: List[str] = ["astra.evaluate", "astra.finetune", "astra.parallel.cli",
+                                   "astra.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_bench)
     from astra.parallel.cli import add_bench_parser
     add_bench_parser(bsub)
+    from astra.bench.accuracy import add_parser as add_accuracy_parser
+    add_accuracy_parser(bsub)
     return p
 
 
