@@ -697,7 +697,7 @@ def plot_history(history: List[Dict[str, float]], path: Union[str, os.PathLike])
 
 MODELS = ("digits-vit", "byte-gpt2", "minilm")
 # Per model: defaults that work (digits/byte models were trained here at lr ~2e-3).
-MODEL_DEFAULTS = {"digits-vit": dict(lr=3e-4, steps=300),
+MODEL_DEFAULTS = {"digits-vit": dict(lr=3e-4, steps=200),
                   "byte-gpt2": dict(lr=3e-4, steps=300),
                   "minilm": dict(lr=5e-5, steps=300)}
 

@@ -103,7 +103,9 @@ def minilm_inputs(tokens: int, batch: int = 1) -> torch.Tensor:
     texts = list(data.pydoc_topics("heldout").values())
     rows = []
     for t in texts:
-        ids = tok(t, add_special_tokens=False)["input_ids"]
+        # verbose=False: the passages are longer than the model's 512 positions on
+        # purpose (they are cut below), so no "sequence length is longer" warning
+        ids = tok(t, add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) >= tokens - 2:
             rows.append([tok.cls_token_id] + ids[: tokens - 2] + [tok.sep_token_id])
         if len(rows) == batch:
@@ -128,8 +130,32 @@ def quick_codebooks(model, inputs, G: int = G_DEFAULT, K: int = K_DEFAULT, iters
     return torch.stack(out)
 
 
-def setup(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT):
-    """``(ModelSpec, inputs, codebooks tensor)`` for a named model."""
+def byte_gpt2(trained: bool = True):
+    """The project's byte-level GPT-2 (:func:`astra.zoo.byte_gpt2`, trained on first use
+    and cached); ``trained=False``: its architecture only (weights to be loaded, e.g.
+    from an ``astra finetune`` checkpoint)."""
+    from astra import zoo
+    if trained:
+        return zoo.byte_gpt2(progress=False)
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(zoo.BYTES_SPEC["seed"])
+    return GPT2LMHeadModel(zoo.byte_gpt2_config()).eval()
+
+
+def byte_inputs(tokens: int, batch: int = 1) -> torch.Tensor:
+    """``batch`` held-out byte windows of ``min(tokens, ctx)`` bytes."""
+    from astra import zoo
+    ctx = zoo.BYTES_SPEC["ctx"]
+    return zoo.heldout_bytes(ctx, limit=batch)[:, :min(tokens, ctx)].contiguous()
+
+
+MODELS = ("vit-base", "gpt2", "minilm", "byte-gpt2", "link-probe", "tiny-gpt2", "tiny-bert")
+
+
+def model_and_inputs(name: str, tokens: int = 256, trained: bool = True):
+    """``(ModelSpec, inputs)`` for a named model (see :data:`MODELS`). ``trained=False``
+    skips training the weights where a model would be trained on first use
+    (``byte-gpt2``): for loading a checkpoint over them."""
     from astra.parallel.runner import ModelSpec
     if name == "vit-base":
         spec = ModelSpec(vit_base)
@@ -149,8 +175,17 @@ def setup(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT):
     elif name == "tiny-bert":
         spec = ModelSpec(tiny_bert)
         inputs = torch.randint(0, 97, (2, tokens), generator=torch.Generator().manual_seed(0))
+    elif name == "byte-gpt2":
+        spec = ModelSpec(byte_gpt2, dict(trained=trained))
+        inputs = byte_inputs(tokens)
     else:
-        raise SystemExit(f"unknown model {name!r}: vit-base | gpt2 | minilm | tiny-gpt2 | tiny-bert")
+        raise SystemExit(f"unknown model {name!r}: {' | '.join(MODELS)}")
+    return spec, inputs
+
+
+def setup(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT):
+    """``(ModelSpec, inputs, codebooks tensor)`` for a named model."""
+    spec, inputs = model_and_inputs(name, tokens)
     if name == "minilm":
         from astra import demo
         cbs = demo.minilm_codebooks(spec.build(), G=G, K=K).tensor
@@ -162,7 +197,8 @@ def setup(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT):
         if inputs.dim() == 4:
             calib = torch.randn(reps, *inputs.shape[1:], generator=gen)
         else:
-            hi = 1000 if name == "link-probe" else (97 if name.startswith("tiny") else 50257)
+            hi = {"link-probe": 1000, "byte-gpt2": 256}.get(
+                name, 97 if name.startswith("tiny") else 50257)
             calib = torch.randint(0, hi, (reps, inputs.shape[1]), generator=gen)
         with torch.no_grad():
             cbs = quick_codebooks(spec.build(), calib, G, K)
@@ -170,7 +206,7 @@ def setup(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT):
 
 
 def n_layers(name: str) -> int:
-    return {"vit-base": 12, "gpt2": 12, "minilm": 6, "link-probe": 4}.get(name, 2)
+    return {"vit-base": 12, "gpt2": 12, "minilm": 6, "link-probe": 4, "byte-gpt2": 4}.get(name, 2)
 
 
 def bound(N: int, L: int, latency_s: float, t1: float) -> float:

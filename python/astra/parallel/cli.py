@@ -7,7 +7,8 @@ def add_parser(sub) -> None:
     """``astra run``: one model, one strategy, N local ranks on an emulated link."""
     p = sub.add_parser("run", help="run a model across N local processes on an emulated link")
     p.add_argument("--devices", type=int, default=2)
-    p.add_argument("--model", default="gpt2", help="vit-base | gpt2 | minilm | tiny-gpt2 | tiny-bert")
+    p.add_argument("--model", default="gpt2",
+                   help="vit-base | gpt2 | minilm | byte-gpt2 | tiny-gpt2 | tiny-bert")
     p.add_argument("--strategy", default="astra", choices=("single", "sp", "tp", "astra"))
     p.add_argument("--wire", default="fp32", choices=("fp32", "fp16", "int8"))
     p.add_argument("--tokens", type=int, default=256, help="sequence length (text models)")
@@ -19,6 +20,12 @@ def add_parser(sub) -> None:
     p.add_argument("--medium", choices=("shared", "switched"), default="shared")
     p.add_argument("--clock", choices=("wall", "virtual"), default="wall")
     p.add_argument("--repeats", type=int, default=3)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--codebooks", metavar="PATH",
+                   help="a saved Codebooks file (grouped or residual), checked against the "
+                   "model (default: codebooks fitted quickly on the model's activations)")
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="an `astra finetune` checkpoint folder: its weights and codebooks")
     p.set_defaults(func=_cmd_run)
 
 

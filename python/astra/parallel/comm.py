@@ -155,7 +155,11 @@ class DistCommunicator:
         send_tokens: tokens each rank sends per layer (its chunk without a class copy).
         causal: send only to later ranks (earlier ranks never attend to later ones).
         wire: how float payloads travel: ``fp32``, ``fp16`` or ``int8``.
-        bits: bits per code (log2 K) for code payloads.
+        bits: bits per code (log2 K) for code payloads of grouped codebooks.
+        stage_bits: residual codebooks: per layer (indexed by ``layer_idx``), the bits of
+            each code column (stage of size K_s: ``ceil(log2 K_s)``, 0 for a size-1
+            stage, whose code is not sent); the codes then go as ``rcodes`` frames, each
+            column packed at its own width (:func:`astra.parallel.wire.pack_columns`).
         link: the :class:`LinkModel` to emulate, or None.
         link_mode: ``"model"`` (bandwidth + latency emulated), ``"latency"`` (only the
             latency: the link itself is real and shaped) or ``"none"``.
@@ -169,6 +173,7 @@ class DistCommunicator:
     causal: bool = False
     wire: str = "fp32"
     bits: int = 0
+    stage_bits: Optional[Sequence[Sequence[int]]] = None
     link: Optional[LinkModel] = None
     link_mode: str = "model"
     clock: object = field(default_factory=WallClock)
@@ -185,6 +190,8 @@ class DistCommunicator:
 
     def _kind(self, local: Tensor) -> str:
         if local.dtype in (torch.int32, torch.int64, torch.int16):
+            if self.stage_bits is not None:
+                return "rcodes"
             if self.bits <= 0:
                 raise ValueError("code payloads need bits > 0 (log2 K)")
             return "codes"
@@ -198,6 +205,16 @@ class DistCommunicator:
                              f"{self.send_tokens[self.rank]}")
         kind = self._kind(local)
         bits = self.bits if kind == "codes" else 0
+        widths = None
+        if kind == "rcodes":
+            if not 0 <= layer_idx < len(self.stage_bits):
+                raise ValueError(f"layer {layer_idx} has no stage bit widths "
+                                 f"({len(self.stage_bits)} layers declared)")
+            widths = tuple(int(w) for w in self.stage_bits[layer_idx])
+            if len(widths) != W:
+                raise ValueError(f"layer {layer_idx} sends {W} code columns but the run "
+                                 f"declared {len(widths)} stages {widths}")
+            bits = sum(widths)
         senders = [s for s in range(self.world_size) if s != self.rank
                    and self.rank in self.receivers(s)]
         sizes = {s: wire.frame_nbytes(kind, B, self.send_tokens[s], W, bits)
@@ -205,8 +222,12 @@ class DistCommunicator:
         plan = [(s, d, sizes[s]) for s in range(self.world_size) for d in self.receivers(s)]
         expect = {s: dict(kind=kind, rows=B, tokens=self.send_tokens[s], width=W, bits=bits)
                   for s in senders}
+        if widths is not None:
+            for e in expect.values():
+                e["widths"] = widths
         sends = {d: None for d in self.receivers(self.rank)}
-        h = self._post(f"exchange[{layer_idx}]", local, kind, bits, sends, expect, sizes, plan)
+        h = self._post(f"exchange[{layer_idx}]", local, kind, bits, sends, expect, sizes, plan,
+                       widths)
         h.own = local
         return h
 
@@ -298,7 +319,8 @@ class DistCommunicator:
                 self.clock.offset -= time.thread_time() - c0
 
     # ------------------------------------------------------------------ transport
-    def _post(self, what, local, kind, bits, sends, expect, sizes, plan) -> _Handle:
+    def _post(self, what, local, kind, bits, sends, expect, sizes, plan,
+              widths=None) -> _Handle:
         seq = self._seq
         self._seq += 1
         t_start = self.clock.now()
@@ -309,7 +331,8 @@ class DistCommunicator:
             key = id(payload if payload is not None else local)
             if key not in frames:
                 frames[key] = wire.encode(payload if payload is not None else local, kind,
-                                          seq=seq, src=self.rank, t_send=t_start, bits=bits)
+                                          seq=seq, src=self.rank, t_send=t_start, bits=bits,
+                                          widths=widths)
             f = frames[key]
             if self.tamper is not None:
                 f = self.tamper(seq, d, f.clone())
@@ -351,7 +374,7 @@ class DistCommunicator:
             starts.append(fr.t_send)
             recv += buf.numel()
             t = wire.decode_tensor(fr)
-            if fr.kind == "codes" and self.link is not None and self.link.loss > 0:
+            if fr.kind in wire.CODE_KINDS and self.link is not None and self.link.loss > 0:
                 t = self._drop(t, h.seq, s, fr)
             out[s] = t
         link_s = wait_s = 0.0
@@ -391,7 +414,10 @@ class DistCommunicator:
         if not lost:
             return codes
         B, T, G = codes.shape
-        idx = missing_tokens(lost, G * fr.bits, B * T)
+        per_token = fr.bits if fr.kind == "rcodes" else G * fr.bits  # rcodes: bits per token
+        if per_token <= 0:
+            return codes
+        idx = missing_tokens(lost, per_token, B * T)
         codes = codes.reshape(B * T, G).clone()
         codes[idx] = -1
         return codes.reshape(B, T, G)

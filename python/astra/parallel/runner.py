@@ -30,7 +30,15 @@ Across real hosts (two machines, one rank each; the link is real, no emulation):
         --master_addr 10.0.0.1 --master_port 29511 \\
         -m astra.parallel.runner torchrun --model gpt2 --strategy astra --tokens 1024
 
-(``GLOO_SOCKET_IFNAME`` picks the interface when a host has several.)
+(``GLOO_SOCKET_IFNAME`` picks the interface when a host has several.) ``--codebooks PATH``
+(a saved :class:`astra.Codebooks` file) or ``--checkpoint DIR`` (an ``astra finetune``
+folder: weights and codebooks) replace the quickly fitted codebooks; every host needs
+the same file. ``astra run`` takes the same two options.
+
+Codes on the wire: grouped codebooks send G codes of ``ceil(log2 K)`` bits per token;
+residual codebooks (``Codebooks(..., stage_sizes=...)``, per layer or for all) send each
+stage's code at its own width ``ceil(log2 K_s)`` (nothing for a stage of size 1), the
+widths per layer being part of the set-up (:mod:`astra.parallel.wire`, ``rcodes``).
 """
 from __future__ import annotations
 
@@ -52,7 +60,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["Job", "RunnerError", "launch", "default_chunks", "ModelSpec", "summarize"]
+__all__ = ["Job", "RunnerError", "launch", "default_chunks", "ModelSpec", "summarize",
+           "setup", "finetuned", "job_codebooks", "wire_bits"]
 
 
 class RunnerError(RuntimeError):
@@ -76,7 +85,10 @@ class Job:
     strategy: str                     # single | sp | tp | astra
     inputs: torch.Tensor
     wire: str = "fp32"
-    codebooks: Optional[torch.Tensor] = None   # [L, G, K, D/G] for astra
+    # astra: a tensor [L, G, K, D/G] (grouped) or an astra.Codebooks (grouped or
+    # residual [L, S, Kmax, D] with stage sizes); or a residual tensor + stage_sizes
+    codebooks: Optional[Any] = None
+    stage_sizes: Optional[Sequence[Any]] = None   # with a tensor: residual stage sizes
     chunks: Optional[List[int]] = None         # content tokens per rank
     output: str = "full"              # full | compact
     link: Optional[Any] = None        # LinkModel
@@ -107,6 +119,32 @@ def _tamper(kind: str):
     return fn
 
 
+def job_codebooks(job: Job):
+    """The job's codebooks as an :class:`astra.Codebooks` (None without)."""
+    import astra
+    cb = job.codebooks
+    if cb is None:
+        return None
+    if isinstance(cb, astra.Codebooks):
+        if job.stage_sizes is not None:
+            raise ValueError("give stage_sizes with a codebooks tensor, not with a Codebooks")
+        return cb
+    return astra.Codebooks(cb, stage_sizes=job.stage_sizes)
+
+
+def wire_bits(cb) -> Dict[str, Any]:
+    """How the codes of ``cb`` (an :class:`astra.Codebooks`) travel: grouped codebooks
+    ``bits`` per code for all G columns (``stage_bits`` None); residual codebooks
+    ``stage_bits[l][s] = ceil(log2 K_s)`` per layer and stage (0 for a size-1 stage)."""
+    if cb.stages(0) is None:
+        K = cb.codebook_size
+        return dict(bits=max(1, (K - 1).bit_length()), stage_bits=None,
+                    G=cb.groups, K=K)
+    stage_bits = [tuple((int(k) - 1).bit_length() for k in cb.stages(i))
+                  for i in range(cb.num_layers)]
+    return dict(bits=0, stage_bits=stage_bits, G=cb.groups, K=cb.codebook_size)
+
+
 def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
     import astra
     from .comm import DistCommunicator, VirtualClock, WallClock
@@ -120,13 +158,16 @@ def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
     offs = [sum(chunks[:i]) for i in range(world)]
     lo, hi = offs[rank], offs[rank] + chunks[rank]
     G = K = bits = 0
+    stage_bits = cbs = None
     if job.strategy == "astra":
-        if job.codebooks is None:
+        cbs = job_codebooks(job)
+        if cbs is None:
             raise ValueError("strategy 'astra' needs codebooks")
-        G, K = int(job.codebooks.shape[1]), int(job.codebooks.shape[2])
-        bits = max(1, (K - 1).bit_length())
+        wb = wire_bits(cbs)
+        G, K, bits, stage_bits = wb["G"], wb["K"], wb["bits"], wb["stage_bits"]
     comm = DistCommunicator(rank, world, chunks, causal=fam.causal, wire=job.wire, bits=bits,
-                            link=job.link, link_mode=job.link_mode, timeout_s=job.timeout_s)
+                            stage_bits=stage_bits, link=job.link, link_mode=job.link_mode,
+                            timeout_s=job.timeout_s)
     if job.fault:
         what, who = job.fault.split(":")
         if int(who) == rank and what in ("corrupt", "truncate"):
@@ -135,9 +176,6 @@ def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
     patched = False
     tp_blocks = None
     if job.strategy in ("astra", "sp"):
-        cbs = None
-        if job.strategy == "astra":
-            cbs = astra.Codebooks(job.codebooks)
         astra.patch(model, cbs, communicator=comm, strict=False)
         patched = True
     elif job.strategy == "tp":
@@ -213,7 +251,10 @@ def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
             astra.unpatch(model)
     return dict(name=job.name, strategy=job.strategy, wire=job.wire, rank=rank, times=times,
                 bytes_sent=sent, waits=waits, collectives=stats, chunks=chunks,
-                output=out if rank == 0 else None, bits=bits, G=G, K=K)
+                output=out if rank == 0 else None, bits=bits, G=G, K=K,
+                stage_bits=stage_bits,
+                bits_per_token=(None if cbs is None else
+                                [cbs.layer_bits(i) for i in range(cbs.num_layers)]))
 
 
 def _worker(jobfile: str, outdir: str) -> int:
@@ -340,10 +381,69 @@ def summarize(results: List[Dict[str, Any]]) -> Dict[str, Any]:
                 wait_s=statistics.median(r0["waits"]) if r0["waits"] else 0.0)
 
 
-def _cmd_run(args) -> int:
+def finetuned(base: ModelSpec, checkpoint: str):
+    """``base``'s model with the weights of an ``astra finetune`` checkpoint folder
+    (a :class:`ModelSpec` factory: every rank loads the same checkpoint)."""
+    from astra.finetune import load_checkpoint
+    model = base.build()
+    load_checkpoint(model, checkpoint)
+    return model
+
+
+def setup(model_name: str, tokens: int, codebooks: Optional[str] = None,
+          checkpoint: Optional[str] = None):
+    """``(ModelSpec, inputs, codebooks)`` for ``astra run`` and the torchrun entry.
+
+    Without ``codebooks`` / ``checkpoint``: :func:`astra.bench.e2e.setup` (codebooks
+    fitted quickly on the model's own activations). ``codebooks``: a saved
+    :class:`astra.Codebooks` file, checked against the model. ``checkpoint``: an
+    ``astra finetune`` folder: its weights (loaded by every rank) and its codebooks.
+    Raises ``ValueError`` when the file or the checkpoint does not fit the model."""
     from astra.bench import e2e
+    if codebooks and checkpoint:
+        raise ValueError("give --codebooks or --checkpoint, not both (a checkpoint "
+                         "carries its own codebooks)")
+    if not codebooks and not checkpoint:
+        return e2e.setup(model_name, tokens)
+    import astra
+    spec, inputs = e2e.model_and_inputs(model_name, tokens, trained=not checkpoint)
+    model = spec.build()
+    if checkpoint:
+        from astra.finetune import load_checkpoint
+        path = os.path.abspath(os.fspath(checkpoint))
+        try:
+            cbs = load_checkpoint(model, path)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--checkpoint {checkpoint} does not fit --model "
+                             f"{model_name}: {e}") from e
+        spec = ModelSpec(finetuned, dict(base=spec, checkpoint=path))
+    else:
+        if not os.path.exists(codebooks):
+            raise ValueError(f"--codebooks {codebooks}: no such file")
+        try:
+            cbs = astra.Codebooks.load(codebooks, expect=model)
+        except ValueError as e:
+            raise ValueError(f"--codebooks {codebooks} does not fit --model {model_name}: "
+                             f"{e}") from e
+    return spec, inputs, cbs
+
+
+def _describe(cbs) -> str:
+    if cbs is None or isinstance(cbs, torch.Tensor):
+        return ""
+    st = cbs.stage_sizes
+    kind = (f"G={cbs.groups} K={cbs.codebook_size}" if st is None
+            else f"residual stages {st}")
+    return f"codebooks {kind} ({cbs.bits_per_token} bits/token)"
+
+
+def _cmd_run(args) -> int:
     from .links import LinkModel
-    model, inputs, cbs = e2e.setup(args.model, args.tokens)
+    try:
+        model, inputs, cbs = setup(args.model, args.tokens, getattr(args, "codebooks", None),
+                                   getattr(args, "checkpoint", None))
+    except ValueError as e:
+        raise SystemExit(f"astra run: {e}") from None
     chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else None
     link = LinkModel(args.bandwidth, args.latency_ms, medium=args.medium,
                      jitter_ms=args.jitter_ms, loss=args.loss)
@@ -352,6 +452,8 @@ def _cmd_run(args) -> int:
               clock=args.clock, repeats=args.repeats, warmup=1)
     res = summarize(launch(model, [job], args.devices)[0])
     wire = f" wire={res['wire']}" if res["strategy"] in ("sp", "tp") else ""
+    if res["strategy"] == "astra" and _describe(cbs):
+        wire = f" ({_describe(cbs)})"
     print(f"{args.model} {res['strategy']}{wire} N={args.devices}: "
           f"median {res['latency_s'] * 1e3:.1f} ms, {res['bytes_per_device']:.0f} B sent per device, "
           f"link waits {res['wait_s'] * 1e3:.1f} ms")
@@ -374,15 +476,23 @@ def _main(argv: List[str]) -> int:
 
 def _torchrun(argv: List[str]) -> int:
     """Entry under ``torchrun``: every rank builds the same job from the arguments."""
-    from astra.bench import e2e
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m astra.parallel.runner torchrun")
     ap.add_argument("--model", default="gpt2")
-    ap.add_argument("--strategy", default="astra")
-    ap.add_argument("--wire", default="fp32")
+    ap.add_argument("--strategy", default="astra", choices=("single", "sp", "tp", "astra"))
+    ap.add_argument("--wire", default="fp32", choices=("fp32", "fp16", "int8"))
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--codebooks", metavar="PATH",
+                   help="a saved Codebooks file (checked against the model); every host "
+                   "needs the same file")
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="an `astra finetune` checkpoint folder: its weights and codebooks")
     a = ap.parse_args(argv)
-    model, inputs, cbs = e2e.setup(a.model, a.tokens)
+    try:
+        model, inputs, cbs = setup(a.model, a.tokens, a.codebooks, a.checkpoint)
+    except ValueError as e:
+        raise SystemExit(f"rank {os.environ.get('RANK', '?')}: {e}") from None
     job = Job(a.strategy, inputs, wire=a.wire, codebooks=cbs, output="compact",
               link=None, link_mode="none", repeats=a.repeats, warmup=1)
     with tempfile.TemporaryDirectory() as tmp:
