@@ -25,10 +25,11 @@ def _rows():
 
 def test_tables_give_mean_and_half_range_over_seeds():
     md = accuracy.tables(_rows())
-    assert "| 1 | 1024 | 10 | top1 | 0.9700 | 0.9400 ± 0.0100 | 0.9700 ± 0.0100 | 3 |" in md
+    assert "| 1 | 1024 | 10 | top1 | 0.9700 | - | 0.9400 ± 0.0100 | 0.9700 ± 0.0100 | 3 |" in md
+    assert "(G=1, K=1024: 10 bits/token" in md
     assert "| naq_lambda=0 | 4 | - | 0.5100 ± 0.0100 | 3 |" in md
     assert "| naq_lambda=1 | 4 | - | 0.4000 ± 0.0000 | 3 |" in md
-    assert "| 32 | 1024 | 320 | perplexity | - | 8.5000 | - | 1 |" in md
+    assert "| 32 | 1024 | 320 | perplexity | - | - | 8.5000 | - | 1 |" in md
 
 
 def test_plot_writes_a_png(tmp_path):

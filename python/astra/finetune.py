@@ -745,6 +745,11 @@ def measure(task, model: nn.Module, codebooks: Optional[Codebooks], devices: int
     return res
 
 
+def _sizes(s: str):
+    from .evaluate import _sizes as parse
+    return parse(s)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune a model for N devices (STE, NAQ noise, distillation)",
@@ -754,6 +759,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--groups", type=int, default=1, help="G groups per token")
     p.add_argument("--codebook-size", type=int, default=1024, help="K codewords per group")
+    p.add_argument("--residual", type=_sizes, default=(), metavar="K2[,K3..]",
+                   help="residual stages after the first (G must be 1), e.g. 64: 10+6 bits")
     p.add_argument("--steps", type=int, help="optimizer steps (default: per model)")
     p.add_argument("--lr", type=float, help="weights' learning rate (default: per model)")
     p.add_argument("--codebook-lr", type=float, default=FinetuneConfig.codebook_lr)
@@ -786,11 +793,14 @@ def main(args: argparse.Namespace) -> int:
         codebook_update=args.codebook_update, batch_size=args.batch_size,
         distributed_cls=False if args.no_distributed_cls else None,
         train_weights=not args.codebooks_only, seed=args.seed, save_every=args.save_every)
+    res_tag = "".join(f"+{k}" for k in args.residual)
     out = Path(args.out) if args.out else cache_dir() / "finetune" / (
-        f"{args.model}-N{args.devices}-G{args.groups}-K{args.codebook_size}-s{args.seed}")
+        f"{args.model}-N{args.devices}-G{args.groups}-K{args.codebook_size}{res_tag}"
+        f"-s{args.seed}")
     task, train = study_task(args.model)
     model = task.model
-    method = Method(groups=args.groups, codebook_size=args.codebook_size, seed=args.seed)
+    method = Method(groups=args.groups, codebook_size=args.codebook_size,
+                    stages=args.residual, seed=args.seed)
     cb = calibrate(model, task.calib, method, devices=args.devices, progress=not args.quiet,
                    log=log)
     with torch.no_grad():
@@ -804,7 +814,7 @@ def main(args: argparse.Namespace) -> int:
                    progress=not args.quiet)
     after = measure(task, model, res.codebooks, args.devices, ref, cfg.distributed_cls)
     keys = [k for k in after if k in ("top1", "perplexity")] + ["emb_cos_mean", "tok_cos_mean"]
-    print(f"{args.model}  N={cfg.devices}  G={args.groups} K={args.codebook_size}  "
+    print(f"{args.model}  N={cfg.devices}  {method.describe()}  "
           f"{cb.bits_per_token} bits/token  {cfg.steps} steps in {res.seconds:.0f} s")
     print(f"  {'':<14}{'single':>10}{'post-train':>12}{'finetuned':>12}")
     for k in keys:
@@ -812,7 +822,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"  checkpoint {out} (loss curve {out / 'loss.png'})")
     if args.json:
         row = {"model": args.model, "devices": cfg.devices, "groups": args.groups,
-               "codebook_size": args.codebook_size, "config": dataclasses.asdict(cfg),
+               "codebook_size": args.codebook_size, "stages": list(args.residual),
+               "bits_per_token": cb.bits_per_token, "config": dataclasses.asdict(cfg),
                "single": single, "post_training": before, "finetuned": after,
                "seconds": res.seconds, "checkpoint": str(out)}
         Path(args.json).write_text(json.dumps(row, indent=2) + "\n")

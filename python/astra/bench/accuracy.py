@@ -8,13 +8,17 @@ Grid (N=4): (G, K) = (1, 1024), (16, 1024), (32, 1024) on
   only),
 - ``byte-gpt2`` (held-out perplexity per byte; LM loss + distillation).
 
-Ablations on ``digits-vit`` at G=1, K=1024, N=4 (fine-tuned unless said): NAQ strength
+Ablations on ``digits-vit`` at G=1, K=1024 (the paper's 10 bits, where this small model
+loses almost nothing even post-training) and at G=1, K=16 (4 bits, where it loses much),
+N=4 (fine-tuned unless said): NAQ strength
 λ ∈ {0, 0.1, 0.3, 1.0}; distributed vs single class token; commitment β ∈ {0, 1e-4,
 0.25}; N ∈ {2, 4, 8} (post-training and fine-tuned).
 
 Every number goes to ``<out>/accuracy.json`` as rows ``{"model", "devices", "groups",
 "codebook_size", "method", "metric", "value", "seed"}`` (method: ``single``,
-``post_training``, ``finetuned`` or the ablation's name, e.g. ``naq_lambda=0.1``), written
+``post_training``, ``finetuned``, ``single_finetuned`` — the same fine-tuning on one
+device, the control that separates "more training" from "recovered from the codes" —
+or the ablation's name, e.g. ``naq_lambda=0.1``), written
 as each one is measured; a rerun skips what the file already has (delete it to redo).
 Tables (mean ± spread over seeds) go to ``<out>/accuracy.md`` and the plot to
 ``<out>/accuracy.png``.
@@ -130,6 +134,13 @@ class Study:
         self.log(f"{name}: single / post-training / fine-tuned, N={devices}")
         if not self.done(name, 1, 0, 0, "single", None):
             self.add(name, 1, 0, 0, "single", None, self.measure(name, None, 1))
+        if name != "minilm":  # control: the same fine-tuning on one device (no codes)
+            for seed in range(self.seeds):
+                if not self.done(name, 1, 0, 0, "single_finetuned", seed):
+                    cb = self.codebooks(name, *grid[0], seed)  # unused with one device
+                    vals = self.finetuned(name, cb, self.config(name, seed, devices=1))
+                    self.add(name, 1, 0, 0, "single_finetuned", seed, vals,
+                             seconds=round(vals["_seconds"], 1))
         for G, K in grid:
             for seed in range(self.seeds):
                 cb = None
@@ -214,10 +225,12 @@ def tables(rows: List[Dict]) -> str:
         if not got:
             continue
         lines += [f"#### {model}", "",
-                  "| G | K | bits/token | metric | single | post-training | fine-tuned | seeds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| G | K | bits/token | metric | single | single, fine-tuned | post-training "
+                  "| fine-tuned | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for m in METRICS[model]:
             single = got.get((1, 0, 0, "single", m))
+            sft = got.get((1, 0, 0, "single_finetuned", m))
             cells = sorted({(g, k) for (n, g, k, meth, mm) in got
                             if meth in ("post_training", "finetuned") and mm == m})
             for g, k in cells:
@@ -226,23 +239,26 @@ def tables(rows: List[Dict]) -> str:
                 bits = g * math.ceil(math.log2(k))
                 lines.append(f"| {g} | {k} | {bits} | {m} | "
                              f"{_stats(single) if single else '-'} | "
+                             f"{_stats(sft) if sft else '-'} | "
                              f"{_stats(post) if post else '-'} | "
                              f"{_stats(fine) if fine else '-'} | "
                              f"{max(len(post), len(fine))} |")
         lines.append("")
     abl = {k: v for k, v in _collect(rows, model="digits-vit").items()
-           if k[3] not in ("single", "post_training", "finetuned")}
-    if abl:
-        metrics = METRICS["digits-vit"]
-        lines += ["#### digits-vit ablations (G=1, K=1024; fine-tuned unless marked)", "",
+           if k[3] not in ("single", "post_training", "finetuned", "single_finetuned")}
+    metrics = METRICS["digits-vit"]
+    for g0, k0 in sorted({(k[1], k[2]) for k in abl}, key=lambda c: -c[1]):
+        bits = g0 * math.ceil(math.log2(k0))
+        lines += [f"#### digits-vit ablations (G={g0}, K={k0}: {bits} bits/token; "
+                  "fine-tuned unless marked)", "",
                   "| ablation | N | " + " | ".join(metrics) + " | seeds |",
                   "|---|---|" + "---|" * len(metrics) + "---|"]
         names = []
         for (n, g, k, meth, m) in abl:
-            if (meth, n) not in names:
+            if (g, k) == (g0, k0) and (meth, n) not in names:
                 names.append((meth, n))
         for meth, n in names:
-            vals = [abl.get((n, 1, 1024, meth, m), []) for m in metrics]
+            vals = [abl.get((n, g0, k0, meth, m), []) for m in metrics]
             lines.append(f"| {meth} | {n} | " + " | ".join(_stats(v) if v else "-" for v in vals)
                          + f" | {max(len(v) for v in vals)} |")
         lines.append("")
@@ -276,19 +292,23 @@ def plot(rows: List[Dict], path: Path) -> None:
         ax.legend(fontsize=8)
     if has_abl:
         ax = axes[0][-1]
-        got = _collect(rows, model="digits-vit", metric="nll")
-        xs, ys, es = [], [], []
-        for lam in LAMBDAS:
-            v = got.get((4, 1, 1024, f"naq_lambda={lam:g}", "nll"))
-            if v:
-                xs.append(lam)
-                ys.append(statistics.mean(v))
-                es.append((max(v) - min(v)) / 2)
-        ax.errorbar(xs, ys, yerr=es, fmt="s-", capsize=3)
+        got = _collect(rows, model="digits-vit", metric="top1")
+        cells = sorted({(k[1], k[2]) for k in got if k[3].startswith("naq_lambda=")})
+        for g0, k0 in cells:
+            xs, ys, es = [], [], []
+            for lam in LAMBDAS:
+                v = got.get((4, g0, k0, f"naq_lambda={lam:g}", "top1"))
+                if v:
+                    xs.append(lam)
+                    ys.append(statistics.mean(v))
+                    es.append((max(v) - min(v)) / 2)
+            ax.errorbar(xs, ys, yerr=es, fmt="s-", capsize=3,
+                        label=f"G={g0} K={k0} ({g0 * math.ceil(math.log2(k0))} bits)")
         ax.set_xlabel("NAQ strength λ")
-        ax.set_ylabel("test cross-entropy")
-        ax.set_title("digits-vit, G=1 K=1024, N=4")
+        ax.set_ylabel("top-1 (fine-tuned)")
+        ax.set_title("digits-vit, N=4: NAQ")
         ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -309,9 +329,21 @@ def add_parser(bsub) -> None:
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every model's fine-tuning steps (e.g. 0.1 for a smoke run)")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--ablation-cells", default="1x1024,1x16",
+                   help="(G x K) cells of the digits-vit ablations: the paper's 10 bits and "
+                   "a harder 4 bits where post-training loses much more")
     p.add_argument("--out", default="bench/results", metavar="DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
+
+
+def _cells(text: str, what: str = "--grid") -> List[Tuple[int, int]]:
+    try:
+        cells = [tuple(int(v) for v in c.lower().split("x")) for c in text.split(",") if c]
+        assert cells and all(len(c) == 2 and c[0] >= 1 and c[1] >= 2 for c in cells)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"{what} must be GxK cells like 1x1024,16x1024, got {text!r}")
+    return cells
 
 
 def main(args: argparse.Namespace) -> int:
@@ -319,11 +351,8 @@ def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
-    try:
-        grid = [tuple(int(v) for v in c.lower().split("x")) for c in args.grid.split(",") if c]
-        assert all(len(c) == 2 and c[0] >= 1 and c[1] >= 2 for c in grid)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--grid must be GxK cells like 1x1024,16x1024, got {args.grid!r}")
+    grid = _cells(args.grid, "--grid")
+    _cells(args.ablation_cells, "--ablation-cells")
     out = Path(args.out)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -332,7 +361,8 @@ def main(args: argparse.Namespace) -> int:
         st = Study(out, seeds, args.steps_scale, not args.quiet, log)
         st.grid(m, grid)
         if m == "digits-vit" and not args.no_ablations:
-            st.ablations(m)
+            for g, k in _cells(args.ablation_cells):
+                st.ablations(m, g, k)
     rows = json.loads((out / "accuracy.json").read_text())
     md = tables(rows)
     (out / "accuracy.md").write_text(md + "\n")
