@@ -285,6 +285,10 @@ def plot(rows: List[Dict], path: Path) -> None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], mark, label=meth)
         if single:
             ax.axhline(statistics.mean(single), color="k", lw=1, label="single device")
+        sft = got.get((1, 0, 0, "single_finetuned", metric))
+        if sft:
+            ax.axhline(statistics.mean(sft), color="k", lw=1, ls=":",
+                       label="single device, fine-tuned")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bits per token")
         ax.set_title(f"{model}: {metric} (N=4)")
