@@ -20,13 +20,19 @@ def add_parser(sub) -> None:
     p.add_argument("--medium", choices=("shared", "switched"), default="shared")
     p.add_argument("--clock", choices=("wall", "virtual"), default="wall")
     p.add_argument("--repeats", type=int, default=3)
+    add_codebook_args(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def add_codebook_args(p) -> None:
+    """``--codebooks PATH`` | ``--checkpoint DIR`` (``astra run`` and the torchrun entry)."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--codebooks", metavar="PATH",
                    help="a saved Codebooks file (grouped or residual), checked against the "
-                   "model (default: codebooks fitted quickly on the model's activations)")
+                   "model (default: codebooks fitted quickly on the model's activations); "
+                   "across hosts every host needs the same file")
     g.add_argument("--checkpoint", metavar="DIR",
                    help="an `astra finetune` checkpoint folder: its weights and codebooks")
-    p.set_defaults(func=_cmd_run)
 
 
 def _cmd_run(args) -> int:

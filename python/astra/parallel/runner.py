@@ -482,12 +482,8 @@ def _torchrun(argv: List[str]) -> int:
     ap.add_argument("--wire", default="fp32", choices=("fp32", "fp16", "int8"))
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--codebooks", metavar="PATH",
-                   help="a saved Codebooks file (checked against the model); every host "
-                   "needs the same file")
-    g.add_argument("--checkpoint", metavar="DIR",
-                   help="an `astra finetune` checkpoint folder: its weights and codebooks")
+    from .cli import add_codebook_args
+    add_codebook_args(ap)
     a = ap.parse_args(argv)
     try:
         model, inputs, cbs = setup(a.model, a.tokens, a.codebooks, a.checkpoint)
