@@ -702,14 +702,20 @@ MODEL_DEFAULTS = {"digits-vit": dict(lr=3e-4, steps=200),
                   "minilm": dict(lr=5e-5, steps=300)}
 
 
-def study_task(name: str):
+def study_task(name: str, progress: bool = True):
     """``(task, train_batches)`` for one of :data:`MODELS`: the :class:`astra.evaluate.Task`
     (evaluation inputs, metric) and the training batches (with labels where the task has
     them): digits train split + labels, the calibration byte windows, MiniLM's
     calibration windows."""
+    from . import zoo
     from .evaluate import load_task
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; finetune knows {', '.join(MODELS)}")
+    # train (first use) or load the project's models here, so that `progress` is obeyed
+    if name == "digits-vit":
+        zoo.digits_vit(progress=progress)
+    elif name == "byte-gpt2":
+        zoo.byte_gpt2(progress=progress)
     if name == "digits-vit":
         from . import data
         task = load_task(name)
@@ -797,7 +803,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else cache_dir() / "finetune" / (
         f"{args.model}-N{args.devices}-G{args.groups}-K{args.codebook_size}{res_tag}"
         f"-s{args.seed}")
-    task, train = study_task(args.model)
+    task, train = study_task(args.model, progress=not args.quiet)
     model = task.model
     method = Method(groups=args.groups, codebook_size=args.codebook_size,
                     stages=args.residual, seed=args.seed)

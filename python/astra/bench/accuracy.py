@@ -66,7 +66,7 @@ class Study:
     def task(self, name: str):
         if name not in self._tasks:
             from ..finetune import study_task
-            task, train = study_task(name)
+            task, train = study_task(name, progress=self.progress)
             with torch.no_grad():
                 ref = [task.forward(task.model, b).float() for b in task.evals]
             base = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
