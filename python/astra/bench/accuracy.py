@@ -312,7 +312,8 @@ def plot(rows: List[Dict], path: Path) -> None:
         ax.set_ylabel("top-1 (fine-tuned)")
         ax.set_title("digits-vit, N=4: NAQ")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
