@@ -670,7 +670,8 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> Codebook
 
 
 def plot_history(history: List[Dict[str, float]], path: Union[str, os.PathLike]) -> None:
-    """The loss curves (total, task, distillation, auxiliary) per step, log y axis."""
+    """The loss curves (total, task, distillation, auxiliary) per step, log y axis: each
+    step faint, its exponential moving average (0.9) solid."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -679,9 +680,14 @@ def plot_history(history: List[Dict[str, float]], path: Union[str, os.PathLike])
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("loss", "task", "distill", "aux"):
-        ys = [h[key] for h in history]
-        if any(y > 0 for y in ys):
-            ax.plot(steps, [max(y, 1e-12) for y in ys], label=key)
+        ys = [max(h[key], 1e-12) for h in history]
+        if any(y > 1e-12 for y in ys):
+            smooth, acc = [], ys[0]
+            for y in ys:  # exponential moving average: one batch per step is noisy
+                acc = 0.9 * acc + 0.1 * y
+                smooth.append(acc)
+            line, = ax.plot(steps, smooth, label=key)
+            ax.plot(steps, ys, color=line.get_color(), alpha=0.2, lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
