@@ -123,3 +123,15 @@ def test_netns_link_runs_and_cleans_up():
             assert lab.ns(1) in _astra_namespaces()
             1 / 0
     assert set(_astra_namespaces()) == before
+
+
+def test_e2e_table_flags_a_speedup_above_its_bound(capsys):
+    from astra.bench.e2e import bound, print_table
+    t1 = 0.2
+    b = bound(4, 6, 0.5e-3, t1)
+    row = dict(model="m", strategy="astra", wire="-", devices=4, bandwidth_mbps=10,
+               latency_ms=50.0, bytes_per_device=100)
+    print_table([dict(row, speedup=3.0, bound=b)])
+    assert "above their bound" not in capsys.readouterr().out
+    print_table([dict(row, speedup=b * 1.1, bound=b)])
+    assert "1 speedup(s) above their bound" in capsys.readouterr().out

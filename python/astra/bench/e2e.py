@@ -285,6 +285,11 @@ def print_table(rows: List[dict]) -> None:
         print(f"{r['model']:<9}{r['strategy']:<9}{r['wire']:<6}{r['devices']:>3}"
               f"{r['bandwidth_mbps']:>8g}{r['latency_ms']:>12.1f}{sp:>9}{bd:>7}"
               f"{r['bytes_per_device']:>12.0f}")
+    over = [r for r in rows if "speedup" in r and "bound" in r
+            and r["speedup"] > r["bound"] * 1.001]
+    if over:  # impossible for a real speedup: the single-device time was inflated
+        print(f"note: {len(over)} speedup(s) above their bound: the single-device run was "
+              "slowed (other load on the machine?); rerun when the machine is idle")
 
 
 def plot(rows: List[dict], path: str) -> None:
