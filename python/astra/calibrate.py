@@ -242,18 +242,12 @@ def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: 
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         tensor = torch.stack([a.codebook.detach().cpu() for a in attns])
-        for li in range(tensor.shape[0]):  # keep the padding rows at zero
-            for s, k in enumerate(codebooks.stages(li) or ()):
-                tensor[li, s, k:] = 0
     finally:
         unpatch(model)
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
         model.train(was_training)
-    out = Codebooks(tensor, model=codebooks.model, name=codebooks.name,
-                    config_hash=codebooks.config_hash,
-                    stage_sizes=None if codebooks.stage_sizes is None else
-                    [codebooks.stages(i) for i in range(codebooks.num_layers)])
+    out = codebooks.with_tensor(tensor)  # padding rows back to zero
     out.history, out.reseeded = codebooks.history, codebooks.reseeded
     return out
 

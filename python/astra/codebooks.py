@@ -136,10 +136,25 @@ class Codebooks:
                 f"K={self.codebook_size}{st}, model={self.model!r}, name={self.name!r})")
 
     def to(self, device) -> "Codebooks":
-        out = Codebooks(self.tensor.to(device), model=self.model, name=self.name,
-                        config_hash=self.config_hash, stage_sizes=self.stage_sizes)
+        out = self.with_tensor(self.tensor.to(device))
         out.history, out.reseeded = self.history, self.reseeded
         return out
+
+    def with_tensor(self, tensor: Tensor) -> "Codebooks":
+        """Codebooks with this one's identity and stage sizes and a new ``tensor`` of the
+        same layout (e.g. after training); residual padding rows are set to zero."""
+        out = Codebooks(tensor, model=self.model, name=self.name,
+                        config_hash=self.config_hash, stage_sizes=self._stages)
+        for li in range(out.num_layers):
+            out.zero_padding(li, out.tensor[li])
+        return out
+
+    def zero_padding(self, layer: int, t: Tensor) -> Tensor:
+        """Zero, in place, the rows of layer ``layer``'s tensor ``t [S, Kmax, D]`` past each
+        residual stage's size (no-op for grouped codebooks); returns ``t``."""
+        for s, k in enumerate(self.stages(layer) or ()):
+            t[s, k:] = 0
+        return t
 
     # ------------------------------------------------------------- use
     def encode(self, layer: int, x: Tensor) -> Tensor:

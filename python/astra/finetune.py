@@ -208,10 +208,12 @@ class NoiseAugmentedQuantizer:
         else:
             data = xs.reshape(-1, G, dg)                          # [M, G, dg]
         counts = torch.zeros(G, K, dtype=torch.float64, device=cb.device)
-        sums = torch.zeros(G, K, dg, dtype=torch.float64, device=cb.device)
+        ema = self.codebook_update == "ema"  # only the EMA update needs the sums
+        sums = torch.zeros(G, K, dg if ema else 0, dtype=torch.float64, device=cb.device)
         for g in range(G):
             counts[g].index_add_(0, codes[:, g], torch.ones_like(codes[:, g], dtype=torch.float64))
-            sums[g].index_add_(0, codes[:, g], data[:, g].double())
+            if ema:
+                sums[g].index_add_(0, codes[:, g], data[:, g].double())
         st = self._stats.get(module.layer_idx)
         sample = data[: self.sample_rows].float()
         if st is None:
@@ -227,8 +229,8 @@ class NoiseAugmentedQuantizer:
         return torch.stack(aux).sum() if aux else None
 
     def pop_stats(self) -> Dict[int, Dict[str, Tensor]]:
-        """Per layer: ``counts [G, K]``, ``sums [G, K, dg]`` and a ``sample [M, G, dg]``
-        of the inputs recorded since the last call."""
+        """Per layer: ``counts [G, K]``, ``sums [G, K, dg]`` (EMA mode; empty otherwise)
+        and a ``sample [M, G, dg]`` of the inputs recorded since the last call."""
         st, self._stats = self._stats, {}
         return st
 
@@ -356,10 +358,7 @@ class _Trainer:
             p.requires_grad_(False)
         self._teacher_out: Dict[int, Tensor] = {}
         dev = next(model.parameters()).device
-        cb = Codebooks(codebooks.tensor.clone().to(dev), model=codebooks.model,
-                       name=codebooks.name, config_hash=codebooks.config_hash,
-                       stage_sizes=None if codebooks.stage_sizes is None else
-                       [codebooks.stages(i) for i in range(codebooks.num_layers)])
+        cb = codebooks.with_tensor(codebooks.tensor.clone().to(dev))
         self.template = cb
         patch(model, cb, devices=cfg.devices, distributed_cls=cfg.distributed_cls)
         self.attns = [m for m in model.modules() if isinstance(m, AstraAttention)]
@@ -423,14 +422,8 @@ class _Trainer:
         self.reseeded = list(st["reseeded"])
 
     def codebooks(self) -> Codebooks:
-        t = self.template
-        tensor = torch.stack([a.codebook.detach().cpu().float() for a in self.attns])
-        for li in range(tensor.shape[0]):  # residual padding rows stay zero
-            for s, k in enumerate(t.stages(li) or ()):
-                tensor[li, s, k:] = 0
-        return Codebooks(tensor, model=t.model, name=t.name, config_hash=t.config_hash,
-                         stage_sizes=None if t.stage_sizes is None else
-                         [t.stages(i) for i in range(t.num_layers)])
+        return self.template.with_tensor(
+            torch.stack([a.codebook.detach().cpu().float() for a in self.attns]))
 
     # -------------------------------------------------------------- mode
     def train_mode(self) -> None:
@@ -520,15 +513,11 @@ class _Trainer:
                 tot = n.sum(-1, keepdim=True)
                 n = (n + 1e-5) / (tot + n.shape[-1] * 1e-5) * tot  # Laplace smoothing
                 new = (self.ema_m[li] / n.unsqueeze(-1)).float()
-                self._keep_padding(li, new)
+                self.template.zero_padding(li, new)
                 a.codebook.copy_(new.to(a.codebook.device))
         # every reseed_every steps (not after the last: a re-seeded codeword is untested)
         if cfg.reseed_every and self.step % cfg.reseed_every == 0 and self.step < cfg.steps:
             self._reseed(stats)
-
-    def _keep_padding(self, li: int, cb: Tensor) -> None:
-        for s, k in enumerate(self.template.stages(li) or ()):
-            cb[s, k:] = 0
 
     @torch.no_grad()
     def _reseed(self, stats) -> None:
@@ -757,11 +746,6 @@ def measure(task, model: nn.Module, codebooks: Optional[Codebooks], devices: int
     return res
 
 
-def _sizes(s: str):
-    from .evaluate import _sizes as parse
-    return parse(s)
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune a model for N devices (STE, NAQ noise, distillation)",
@@ -771,6 +755,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--groups", type=int, default=1, help="G groups per token")
     p.add_argument("--codebook-size", type=int, default=1024, help="K codewords per group")
+    from .evaluate import _sizes
     p.add_argument("--residual", type=_sizes, default=(), metavar="K2[,K3..]",
                    help="residual stages after the first (G must be 1), e.g. 64: 10+6 bits")
     p.add_argument("--steps", type=int, help="optimizer steps (default: per model)")
