@@ -158,3 +158,34 @@ def test_emulated_link_waits_in_wall_clock_and_virtual_clock_agrees():
     t_virt = min(virt[0]["times"])
     assert expect <= t_wall < expect + 0.15
     assert expect <= t_virt < expect + 0.15
+
+
+_EXIT_PROBE = """
+import atexit, sys
+from astra.parallel.runner import _exit_now
+atexit.register(lambda: print("teardown ran", flush=True))
+def ok():
+    return 0
+def fails():
+    raise ValueError("boom")
+def refuses():
+    raise SystemExit("rank 3: bad codebook file")
+def code7():
+    return 7
+_exit_now({"ok": ok, "fails": fails, "refuses": refuses, "code7": code7}[sys.argv[1]])
+"""
+
+
+@pytest.mark.parametrize("what,rc,says", [("ok", 0, ""), ("fails", 1, "ValueError: boom"),
+                                          ("refuses", 1, "rank 3: bad codebook file"),
+                                          ("code7", 7, "")])
+def test_worker_exit_skips_teardown_and_keeps_status(what, rc, says):
+    # a finished rank leaves with os._exit: interpreter teardown (where the distributed
+    # stack's static destructors sometimes abort) never runs, the status survives
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", _EXIT_PROBE, what], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == rc, p.stderr
+    assert "teardown ran" not in p.stdout
+    assert says in p.stderr

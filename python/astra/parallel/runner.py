@@ -258,7 +258,10 @@ def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
 
 
 def _worker(jobfile: str, outdir: str) -> int:
+    import faulthandler
+
     import torch.distributed as dist
+    faulthandler.enable(all_threads=True)  # a C++ abort then shows where Python was
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     with open(jobfile, "rb") as f:
         spec = pickle.load(f)
@@ -460,17 +463,35 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _exit_now(fn, *args) -> None:
+    """Run a worker's ``fn`` and leave the process at once with its status.
+
+    A rank's results are on disk and its process group destroyed when ``fn``
+    returns; what follows is interpreter teardown, where static destructors of
+    the distributed stack occasionally abort ("terminate called without an
+    active exception", SIGABRT: seen in about 1 of 50 launches, with no Python
+    frame left on the stack). ``os._exit`` skips that teardown, so a finished
+    rank always reports 0 and a failed one 1 after its traceback.
+    """
+    try:
+        code = fn(*args)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            print(e.code if isinstance(e.code, str) else f"exit {e.code}", file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported, then the process ends
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 def _main(argv: List[str]) -> int:
     if argv and argv[0] == "worker":
-        try:
-            return _worker(argv[1], argv[2])
-        except BaseException:
-            traceback.print_exc()
-            sys.stderr.flush()
-            sys.stdout.flush()
-            os._exit(1)
+        _exit_now(_worker, argv[1], argv[2])
     if argv and argv[0] == "torchrun":
-        return _torchrun(argv[1:])
+        _exit_now(_torchrun, argv[1:])
     raise SystemExit("usage: python -m astra.parallel.runner worker JOBFILE OUTDIR | torchrun ...")
 
 
