@@ -22,11 +22,19 @@ CASES = {
     "gpt2-N2": (e2e.tiny_gpt2, 2, 23),
     "bert-N3": (e2e.tiny_bert, 3, 24),   # 23 content tokens over 3 ranks: 8, 8, 7
     "gpt2-N4": (e2e.tiny_gpt2, 4, 30),
+    "hfvit-N3": (e2e.tiny_hf_vit, 3, None),  # 8x8 images, 2x2 patches: 16 tokens + class
 }
 
 
 def _inputs(tokens, seed=0):
-    return torch.randint(0, 97, (2, tokens), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    if tokens is None:  # images for the ViT
+        return torch.rand(2, 1, 8, 8, generator=gen)
+    return torch.randint(0, 97, (2, tokens), generator=gen)
+
+
+def _content_tokens(factory, tokens):
+    return {e2e.tiny_bert: tokens - 1 if tokens else 0, e2e.tiny_hf_vit: 16}.get(factory, tokens)
 
 
 def _reference(model, x, cb, world):
@@ -51,7 +59,7 @@ def case(request):
     with torch.no_grad():
         cb = e2e.quick_codebooks(model, x, G=G, K=K)
     ref, sim = _reference(model, x, cb, world)
-    n = tokens - (1 if factory is e2e.tiny_bert else 0)
+    n = _content_tokens(factory, tokens)
     odd = [1] * (world - 1) + [n - world + 1]  # very uneven chunks (a slow device first)
     jobs = [Job("astra", x, codebooks=cb, name="astra"), Job("sp", x, name="sp"),
             Job("tp", x, name="tp"), Job("single", x, name="single"),

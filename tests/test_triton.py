@@ -630,3 +630,15 @@ def test_gpu_autotuned_and_compiled():
                           fullgraph=True)(x, cb)
     agree = (codes == reference.vq_encode(x, cb, "bf16")[0]).float().mean().item()
     assert agree > 0.99
+
+
+@pytest.mark.parametrize("triton_v,numpy_v,bad", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.8.0", "2.4.6", False),
+    ("3.6.0+git1234", "2.5.0rc1", True), ("3.10.0", "3.0.0", False)])
+def test_interpreter_version_warning(triton_v, numpy_v, bad):
+    # checked on this machine: triton 3.6 + numpy 2.4 fails in the interpreter,
+    # triton 3.6 + numpy 2.3 and triton 3.8 + numpy 2.4 pass
+    msg = tk.interpreter_problem(triton_v, numpy_v)
+    assert (msg is not None) == bad
+    if bad:
+        assert "numpy<2.4" in msg and triton_v in msg

@@ -13,6 +13,10 @@ on CPU tensors in Triton's interpreter (one autotune config, no timing). Set
 ``ASTRA_TRITON_AUTOTUNE=0`` to keep only the first autotune config (quick compiles),
 ``ASTRA_TRITON_REMOTE_PATH=gather|codebook`` to force the remote attention path.
 """
+import os
+import warnings
+from typing import Optional
+
 from .mixed_attention import (_code_counts_kernel, _merge_attention_kernel,
                               _mixed_attention_fwd_kernel,
                               choose_remote_path, code_counts, merge_attention_op,
@@ -38,5 +42,40 @@ KERNELS = {
     "code_counts": _code_counts_kernel,
 }
 
-__all__ = ["IMPLS", "OPS", "KERNELS", "vq_encode_triton", "mixed_attention_triton",
+
+
+def _release(version: str) -> tuple:
+    out = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's CPU interpreter will fail with these versions, or ``None``.
+
+    Triton 3.6's interpreter turns a scalar kernel argument into a Python int with
+    ``int(array)`` on a one-element array, which numpy 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars"): every kernel that uses
+    a runtime scalar in ``range`` fails. Seen with triton 3.6.0 + numpy 2.4.6; the same
+    tests pass with numpy 2.3.5, and with triton 3.8 + numpy 2.4. Compiled kernels (a
+    GPU) are not affected.
+    """
+    if _release(triton_version) < (3, 8) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter fails with numpy {numpy_version} "
+                "('only 0-dimensional arrays can be converted to Python scalars'); use "
+                "numpy<2.4 or triton>=3.8 to run the Triton kernels under TRITON_INTERPRET=1")
+    return None
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import numpy
+    import triton
+    _problem = interpreter_problem(triton.__version__, numpy.__version__)
+    if _problem:
+        warnings.warn(_problem, RuntimeWarning, stacklevel=2)
+
+__all__ = ["interpreter_problem", "IMPLS", "OPS", "KERNELS", "vq_encode_triton",
+           "mixed_attention_triton",
            "merge_attention_triton", "choose_remote_path", "code_counts"]

@@ -53,6 +53,17 @@ def tiny_vit(seed: int = 0):
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5).eval()
 
 
+def tiny_hf_vit(seed: int = 0, layers: int = 2):
+    """A small HF ViT classifier (8x8 one-channel images, 2x2 patches: 16 tokens)."""
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32,
+                    num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                    num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg._attn_implementation = "eager"
+    return ViTForImageClassification(cfg).eval()
+
+
 def vit_base(seed: int = 0):
     import timm
     torch.manual_seed(seed)
@@ -142,6 +153,24 @@ def byte_gpt2(trained: bool = True):
     return GPT2LMHeadModel(zoo.byte_gpt2_config()).eval()
 
 
+def digits_vit(trained: bool = True):
+    """The project's digits ViT (:func:`astra.zoo.digits_vit`, an HF ViT trained on
+    first use and cached); ``trained=False``: its architecture only."""
+    from astra import zoo
+    if trained:
+        return zoo.digits_vit(progress=False).eval()
+    from transformers import ViTForImageClassification
+    torch.manual_seed(zoo.DIGITS_SPEC["seed"])
+    return ViTForImageClassification(zoo.digits_vit_config()).eval()
+
+
+def digits_inputs(batch: int = 1, split: str = "test") -> torch.Tensor:
+    """``batch`` digit images ``[batch, 1, 8, 8]`` (64 tokens each) of ``split``."""
+    from astra import data
+    x_train, _, x_test, _ = data.digits(seed=0)
+    return (x_test if split == "test" else x_train)[:batch].contiguous()
+
+
 def byte_inputs(tokens: int, batch: int = 1) -> torch.Tensor:
     """``batch`` held-out byte windows of ``min(tokens, ctx)`` bytes."""
     from astra import zoo
@@ -149,7 +178,8 @@ def byte_inputs(tokens: int, batch: int = 1) -> torch.Tensor:
     return zoo.heldout_bytes(ctx, limit=batch)[:, :min(tokens, ctx)].contiguous()
 
 
-MODELS = ("vit-base", "gpt2", "minilm", "byte-gpt2", "link-probe", "tiny-gpt2", "tiny-bert")
+MODELS = ("vit-base", "gpt2", "minilm", "byte-gpt2", "digits-vit", "link-probe", "tiny-gpt2",
+          "tiny-bert", "tiny-hf-vit")
 
 
 def model_and_inputs(name: str, tokens: int = 256, trained: bool = True):
@@ -178,6 +208,12 @@ def model_and_inputs(name: str, tokens: int = 256, trained: bool = True):
     elif name == "byte-gpt2":
         spec = ModelSpec(byte_gpt2, dict(trained=trained))
         inputs = byte_inputs(tokens)
+    elif name == "digits-vit":  # 64 tokens per image whatever `tokens` says
+        spec = ModelSpec(digits_vit, dict(trained=trained))
+        inputs = digits_inputs(8)
+    elif name == "tiny-hf-vit":
+        spec = ModelSpec(tiny_hf_vit)
+        inputs = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     else:
         raise SystemExit(f"unknown model {name!r}: {' | '.join(MODELS)}")
     return spec, inputs
@@ -189,6 +225,9 @@ def setup(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT):
     if name == "minilm":
         from astra import demo
         cbs = demo.minilm_codebooks(spec.build(), G=G, K=K).tensor
+    elif name == "digits-vit":  # the training images (65 tokens each, class token too)
+        with torch.no_grad():
+            cbs = quick_codebooks(spec.build(), digits_inputs(-(-K // 65) + 1, "train"), G, K)
     else:
         # calibrate on other inputs of the same kind, enough rows for K codewords (a
         # codebook of near-duplicate rows would make every encode a near-tie)
@@ -206,7 +245,8 @@ def setup(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT):
 
 
 def n_layers(name: str) -> int:
-    return {"vit-base": 12, "gpt2": 12, "minilm": 6, "link-probe": 4, "byte-gpt2": 4}.get(name, 2)
+    return {"vit-base": 12, "gpt2": 12, "minilm": 6, "link-probe": 4, "byte-gpt2": 4,
+            "digits-vit": 4}.get(name, 2)
 
 
 def bound(N: int, L: int, latency_s: float, t1: float) -> float:

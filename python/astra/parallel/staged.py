@@ -217,16 +217,62 @@ class HFGPT2(Family):
                       a.num_heads, a.head_dim, float(a.scaling), True)
 
 
+class HFViT(Family):
+    """HF ``vit`` models (``ViTModel`` or ``ViTForImageClassification``): pixels in,
+    the class token's logits out (the normalized hidden states for ``ViTModel``)."""
+
+    has_cls = True
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.base = getattr(model, "vit", model)
+
+    def n_content(self, inputs):
+        return int(self.base.embeddings.patch_embeddings.num_patches)
+
+    def embed(self, inputs, lo, hi, cls):
+        x = self.base.embeddings(inputs)  # [B, 1 + patches, D], class token first
+        parts = ([x[:, :1]] if cls else []) + [x[:, 1 + lo:1 + hi]]
+        return torch.cat(parts, 1)
+
+    def blocks(self):
+        from astra.models import resolve
+        return resolve(self.model)[1].layers(self.model)  # 5.x: .layers; older: .encoder.layer
+
+    def tail(self, h):
+        h = self.base.layernorm(h)
+        head = getattr(self.model, "classifier", None)
+        return head(h[:, 0]) if head is not None else h
+
+    def summary(self, h, cls):
+        return h[:, :1]
+
+    def finish_compact(self, summaries, n_tokens):
+        cls = torch.stack([s[:, 0] for s in summaries]).mean(0).unsqueeze(1)
+        return self.tail(cls)
+
+    def tp_spec(self, blk):
+        a, mlp = blk.attention, blk.mlp
+        return TPSpec(True, blk.layernorm_before, blk.layernorm_after, a.q_proj.weight,
+                      a.k_proj.weight, a.v_proj.weight, a.q_proj.bias, a.k_proj.bias,
+                      a.v_proj.bias, a.o_proj.weight, a.o_proj.bias, mlp.fc1.weight, mlp.fc1.bias,
+                      mlp.activation_fn, mlp.fc2.weight, mlp.fc2.bias, a.num_attention_heads,
+                      a.head_dim, float(a.scaling), False)
+
+
 def family_of(model: nn.Module) -> Family:
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt == "bert":
         return HFBert(model)
     if mt == "gpt2":
         return HFGPT2(model)
+    if mt == "vit":
+        return HFViT(model)
     for cls in type(model).__mro__:
         if cls.__module__.startswith("timm.") and cls.__name__ == "VisionTransformer":
             return TimmViT(model)
-    raise ValueError(f"the runner supports timm ViT, HF bert and HF gpt2, not {type(model).__name__}")
+    raise ValueError("the runner supports timm ViT, HF vit, bert and gpt2, "
+                     f"not {type(model).__name__}")
 
 
 class TPBlock(nn.Module):
