@@ -358,3 +358,32 @@ def test_zero_learning_rates_change_nothing():
     want = (torch.nn.functional.cross_entropy(out.logits, lab)
             + ClassificationObjective().distill_loss(out.logits, ref, None, 1.0))
     assert abs(float(want) - losses[0]) < 1e-5
+
+
+def test_per_layer_residual_budgets_train_and_keep_their_shape():
+    # layer 0: 8 codewords + a size-1 stage (no bits), layer 1: 8 + 4 (5 bits)
+    model = _gpt2()
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 2, 8, 32, generator=g)
+    t[0, 1, 1:] = 0
+    t[1, 1, 4:] = 0
+    cb = Codebooks(t, stage_sizes=[(8, 1), (8, 4)])
+    assert cb.bits_per_token == 4  # (3 + 5) / 2
+    cfg = FinetuneConfig(devices=2, steps=3, lr=1e-3, codebook_lr=1e-2, warmup=0, noise=0.3,
+                         commitment=1e-3, reseed_every=2, seed=0)
+    res = finetune(model, cb, _gpt2_batches(n=2), config=cfg, progress=False)
+    out = res.codebooks
+    assert [out.stages(i) for i in range(2)] == [(8, 1), (8, 4)]
+    assert out.bits_per_token == 4
+    # the rows past each stage's size stay zero; the trained rows moved
+    assert out.tensor[0, 1, 1:].abs().max() == 0 and out.tensor[1, 1, 4:].abs().max() == 0
+    assert not torch.equal(out.tensor[1, 1, :4], t[1, 1, :4])
+
+
+def test_layer_residual_argument():
+    from astra.evaluate import layer_stages_arg
+    assert layer_stages_arg(["-1:4096,4096", "0:16"]) == ((-1, (4096, 4096)), (0, (16,)))
+    assert layer_stages_arg(["2:256x3"]) == ((2, (256, 256, 256)),)
+    for bad in ("-1", "x:16", "1:a"):
+        with pytest.raises(SystemExit, match="LAYER:K2"):
+            layer_stages_arg([bad])

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -324,9 +324,22 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+def layer_stages_arg(specs: Sequence[str]) -> Tuple[Tuple[int, Tuple[int, ...]], ...]:
+    """``["-1:4096,4096", ...]`` (``--layer-residual``) -> ``((-1, (4096, 4096)), ...)``."""
+    out = []
+    for s in specs:
+        layer, sep, sizes = s.partition(":")
+        try:
+            out.append((int(layer), _sizes(sizes)))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise SystemExit(f"--layer-residual {s!r}: expected LAYER:K2[,K3..] ({e})") from None
+        if not sep:
+            raise SystemExit(f"--layer-residual {s!r}: expected LAYER:K2[,K3..]")
+    return tuple(out)
+
+
 def main(args: argparse.Namespace) -> int:
-    layer_stages = tuple((int(s.split(":")[0]), _sizes(s.split(":", 1)[1]))
-                         for s in args.layer_residual)
+    layer_stages = layer_stages_arg(args.layer_residual)
     method = Method(groups=args.groups, codebook_size=args.codebook_size, stages=args.residual,
                     layer_stages=layer_stages,
                     distill_steps=args.distill, distill_lr=args.distill_lr, iters=args.iters,

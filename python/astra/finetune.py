@@ -758,6 +758,9 @@ def add_parser(subparsers) -> None:
     from .evaluate import _sizes
     p.add_argument("--residual", type=_sizes, default=(), metavar="K2[,K3..]",
                    help="residual stages after the first (G must be 1), e.g. 64: 10+6 bits")
+    p.add_argument("--layer-residual", action="append", default=[], metavar="L:K2[,K3..]",
+                   help="layer L (negative: from the end) gets these residual stages instead "
+                   "of --residual's; repeatable (e.g. -1:4096,4096: more bits in the last layer)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: per model)")
     p.add_argument("--lr", type=float, help="weights' learning rate (default: per model)")
     p.add_argument("--codebook-lr", type=float, default=FinetuneConfig.codebook_lr)
@@ -790,14 +793,17 @@ def main(args: argparse.Namespace) -> int:
         codebook_update=args.codebook_update, batch_size=args.batch_size,
         distributed_cls=False if args.no_distributed_cls else None,
         train_weights=not args.codebooks_only, seed=args.seed, save_every=args.save_every)
-    res_tag = "".join(f"+{k}" for k in args.residual)
+    from .evaluate import layer_stages_arg
+    layer_stages = layer_stages_arg(args.layer_residual)
+    res_tag = "".join(f"+{k}" for k in args.residual) + "".join(
+        f"-L{li}" + "".join(f"+{k}" for k in ks) for li, ks in layer_stages)
     out = Path(args.out) if args.out else cache_dir() / "finetune" / (
         f"{args.model}-N{args.devices}-G{args.groups}-K{args.codebook_size}{res_tag}"
         f"-s{args.seed}")
     task, train = study_task(args.model, progress=not args.quiet)
     model = task.model
     method = Method(groups=args.groups, codebook_size=args.codebook_size,
-                    stages=args.residual, seed=args.seed)
+                    stages=args.residual, layer_stages=layer_stages, seed=args.seed)
     cb = calibrate(model, task.calib, method, devices=args.devices, progress=not args.quiet,
                    log=log)
     with torch.no_grad():
@@ -820,6 +826,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         row = {"model": args.model, "devices": cfg.devices, "groups": args.groups,
                "codebook_size": args.codebook_size, "stages": list(args.residual),
+               "layer_stages": [[li, list(ks)] for li, ks in layer_stages],
                "bits_per_token": cb.bits_per_token, "config": dataclasses.asdict(cfg),
                "single": single, "post_training": before, "finetuned": after,
                "seconds": res.seconds, "checkpoint": str(out)}
