@@ -60,6 +60,25 @@ def test_fp32_near_ties_are_exact(G):
     assert torch.equal(codes, reference.vq_encode(x, cb)[0])
 
 
+@pytest.mark.parametrize("K", [1500, 20000])
+def test_fp32_near_ties_are_exact_both_rerank_paths(K):
+    """K=1500: the tile's dot products are kept and only the codewords within the
+    rounding bound are re-ranked in fp64; K=20000 (K x rows past the kept-dots limit):
+    direct distances to every codeword first. Both must give the fp64 argmin."""
+    gen = torch.Generator().manual_seed(K)
+    M, dg = 64, 16
+    x = torch.randn(M, dg, generator=gen) + 30.0
+    cb = torch.randn(1, K, dg, generator=gen) + 30.0
+    own = torch.randperm(K, generator=gen)[:3 * M].reshape(M, 3)
+    cb[0, own[:, 0]] = x + 1e-3 * torch.randn(M, dg, generator=gen)
+    cb[0, own[:, 1]] = x + 1e-3 * torch.randn(M, dg, generator=gen)
+    cb[0, own[:, 2]] = x + 2e-3 * torch.randn(M, dg, generator=gen)
+    exact = torch.stack([((cb[0].double() - x[i].double()) ** 2).sum(-1).argmin()
+                         for i in range(M)]).to(torch.int32)
+    codes = ak.vq_encode(x, cb)[:, 0]
+    assert torch.equal(codes, exact)
+
+
 def test_fp32_exact_ties_lowest_index_after_rerank():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(40, 32, generator=gen) + 50.0

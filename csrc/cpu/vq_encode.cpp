@@ -68,6 +68,7 @@ namespace {
 using cpu::fVec;
 
 constexpr int64_t kRowTile = 128;  // rows per tile; a multiple of fVec::size()
+constexpr int64_t kKeepDots = int64_t(1) << 19;  // fp32 exact: [K, rows] dots kept up to 2 MiB
 constexpr int64_t kCodeTile = 64;  // fp32 path: codewords per brgemm (64 x 128 fp32 = 32 KiB)
 constexpr int64_t kDpRowTile = 256;  // bf16 path: rows per tile (x tile in L2, 400 KB at D=768)
 constexpr int64_t kDpCodes = 6;    // bf16 path: codewords per register block (6 x 4 x 16 lanes)
@@ -377,13 +378,20 @@ void vq_encode_fp32(const scalar_t* x, const VqProblem& p, int64_t row_tile) {
   const float* cn = p.prep->cn.data_ptr<float>();
   const float* cmax = p.prep->cmax.data_ptr<float>();
 
+  // exact mode keeps every codeword's dot products of the tile ([K, row_tile]) when
+  // they fit kKeepDots: a near-tie row is then re-ranked in fp64 over only the
+  // codewords whose expanded distance is within the rounding bound of the best,
+  // instead of direct distances to all K codewords
+  const bool keep = p.exact && K > 1 && K * row_tile <= kKeepDots;
+  const int64_t dot_rows = keep ? K : kCodeTile;
+
   at::parallel_for(0, n_tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    at::Tensor buf = cpu::scratch_f32(row_tile * D + dg * row_tile + kCodeTile * row_tile +
+    at::Tensor buf = cpu::scratch_f32(row_tile * D + dg * row_tile + dot_rows * row_tile +
                                       3 * row_tile);
     float* xf = buf.data_ptr<float>();       // [row_tile, D] x tile in fp32
     float* xT = xf + row_tile * D;           // [dg, row_tile] one group, transposed
-    float* dot = xT + dg * row_tile;         // [kCodeTile, row_tile]
-    float* best = dot + kCodeTile * row_tile;
+    float* dot = xT + dg * row_tile;         // [kCodeTile or K, row_tile]
+    float* best = dot + dot_rows * row_tile;
     float* arg = best + row_tile;            // argmin as float: exact for K <= 2^24
     float* second = arg + row_tile;
     std::vector<float> direct;  // near-tie re-rank: fp32 direct distances to all codewords
@@ -407,11 +415,12 @@ void vq_encode_fp32(const scalar_t* x, const VqProblem& p, int64_t row_tile) {
 
         for (int64_t k0 = 0; k0 < K; k0 += kCodeTile) {
           const int64_t nb = std::min(kCodeTile, K - k0);
-          cpu::tile_gemm(nb, nv, dg, dg, row_tile, row_tile, false, cb_g + k0 * dg, xT, dot);
+          float* dk = keep ? dot + k0 * row_tile : dot;
+          cpu::tile_gemm(nb, nv, dg, dg, row_tile, row_tile, false, cb_g + k0 * dg, xT, dk);
           if (p.exact) {
-            argmin_tile<true>(dot, row_tile, cn_g + k0, nb, k0, nv, best, arg, second);
+            argmin_tile<true>(dk, row_tile, cn_g + k0, nb, k0, nv, best, arg, second);
           } else {
-            argmin_tile<false>(dot, row_tile, cn_g + k0, nb, k0, nv, best, arg, second);
+            argmin_tile<false>(dk, row_tile, cn_g + k0, nb, k0, nv, best, arg, second);
           }
         }
 
@@ -424,7 +433,19 @@ void vq_encode_fp32(const scalar_t* x, const VqProblem& p, int64_t row_tile) {
             const double cm = cmax[g];
             const double eps = (2.0 * dg + 4.0) * kUnit * (cm * cm + 2.0 * xn * cm) * 1.25;
             const double gap = static_cast<double>(second[r]) - static_cast<double>(best[r]);
-            if (!(gap > 2.0 * eps)) {  // near-tie (or NaN): exact re-rank
+            if (!(gap > 2.0 * eps) && keep) {  // near-tie: fp64 over the candidates
+              // |dist~(c) - dist(c)| <= eps for every c, so the exact argmin c* has
+              // dist~(c*) <= dist(c*) + eps <= dist(best) + eps <= best + 2 eps
+              // (dist~ recomputed exactly as argmin_rows does: -2 dot is exact)
+              const double lim = static_cast<double>(best[r]) + 2.0 * eps;
+              double bd = std::numeric_limits<double>::infinity();
+              for (int64_t c = 0; c < K; ++c) {
+                const float dc = std::fma(dot[c * row_tile + r], -2.f, cn_g[c]);
+                if (!(static_cast<double>(dc) <= lim)) continue;  // NaN: never
+                const double dd = sq_dist64(xr, cb_g + c * dg, dg);
+                if (dd < bd) bd = dd, code = c;
+              }
+            } else if (!(gap > 2.0 * eps)) {  // near-tie (or NaN): exact re-rank
               // direct distances in fp32 first: |d32 - d| <= delta d (relative, so tight
               // near x), then fp64 only for the codewords that can still be the argmin:
               // d32(c) <= d32_min (1 + delta) / (1 - delta)
