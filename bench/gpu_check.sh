@@ -41,7 +41,8 @@ echo "== GPU tests"
 per_test=""
 $PY -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=120"
 timeout "$TEST_LIMIT" $PY -m pytest -q -p no:cacheprovider $per_test \
-  tests/test_ops.py tests/test_triton.py tests/test_cuda.py > "$OUT/tests.log" 2>&1
+  tests/test_ops.py tests/test_triton.py tests/test_cuda.py tests/test_runner_gpu.py \
+  > "$OUT/tests.log" 2>&1
 test_rc=$?
 tail -25 "$OUT/tests.log"
 

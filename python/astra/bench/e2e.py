@@ -199,6 +199,8 @@ def model_and_inputs(name: str, tokens: int = 256, trained: bool = True):
     elif name == "link-probe":
         spec = ModelSpec(link_probe)
         inputs = torch.randint(0, 1000, (1, 1024), generator=torch.Generator().manual_seed(0))
+    elif name in ("tiny-gpt2", "tiny-bert") and tokens > 128:
+        raise ValueError(f"{name} has 128 positions: --tokens {tokens} is too long")
     elif name == "tiny-gpt2":
         spec = ModelSpec(tiny_gpt2)
         inputs = torch.randint(0, 97, (2, tokens), generator=torch.Generator().manual_seed(0))

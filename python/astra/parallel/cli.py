@@ -8,7 +8,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run a model across N local processes on an emulated link")
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--model", default="gpt2",
-                   help="vit-base | gpt2 | minilm | byte-gpt2 | tiny-gpt2 | tiny-bert")
+                   help="vit-base | gpt2 | minilm | byte-gpt2 | digits-vit | link-probe | "
+                   "tiny-gpt2 | tiny-bert | tiny-hf-vit")
     p.add_argument("--strategy", default="astra", choices=("single", "sp", "tp", "astra"))
     p.add_argument("--wire", default="fp32", choices=("fp32", "fp16", "int8"))
     p.add_argument("--tokens", type=int, default=256, help="sequence length (text models)")
@@ -20,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--medium", choices=("shared", "switched"), default="shared")
     p.add_argument("--clock", choices=("wall", "virtual"), default="wall")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where each rank computes (cuda: rank r on GPU r %% count; the "
+                   "bytes still travel over gloo)")
     add_codebook_args(p)
     p.set_defaults(func=_cmd_run)
 

@@ -37,7 +37,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -180,6 +180,7 @@ class DistCommunicator:
     timeout_s: float = 60.0
     stats: List[CollectiveStat] = field(default_factory=list)
     tamper: Optional[object] = None  # tests: fn(seq, dst, frame) -> frame, applied on send
+    device: Union[str, torch.device] = "cpu"  # where received tensors go (frames: host)
     _seq: int = 0
 
     # ------------------------------------------------------------------ Communicator
@@ -266,8 +267,9 @@ class DistCommunicator:
                   if s != self.rank}
         sends = {d: mine.unsqueeze(0) for d in range(N) if d != self.rank}
         got = self._post(f"{what}.ag", None, kind, 0, sends, expect, None, plan).wait()
-        own = wire.decode_payload(wire.encode_payload(mine.unsqueeze(0), kind), kind, 1,
-                                  rows[self.rank], W) if kind != "fp32" else mine.unsqueeze(0)
+        own = wire.decode_payload(wire.encode_payload(mine.unsqueeze(0).cpu(), kind), kind, 1,
+                                  rows[self.rank], W).to(mine.device) if kind != "fp32" \
+            else mine.unsqueeze(0)
         got[self.rank] = own
         return torch.cat([g[0] for g in got], dim=0).to(x.dtype).reshape(shape)
 
@@ -329,8 +331,9 @@ class DistCommunicator:
         frames = {}
         for d, payload in sends.items():
             key = id(payload if payload is not None else local)
-            if key not in frames:
-                frames[key] = wire.encode(payload if payload is not None else local, kind,
+            if key not in frames:  # frames are host bytes (gloo): GPU payloads copied
+                src_t = payload if payload is not None else local
+                frames[key] = wire.encode(src_t.cpu(), kind,
                                           seq=seq, src=self.rank, t_send=t_start, bits=bits,
                                           widths=widths)
             f = frames[key]
@@ -376,7 +379,7 @@ class DistCommunicator:
             t = wire.decode_tensor(fr)
             if fr.kind in wire.CODE_KINDS and self.link is not None and self.link.loss > 0:
                 t = self._drop(t, h.seq, s, fr)
-            out[s] = t
+            out[s] = t.to(self.device)
         link_s = wait_s = 0.0
         if self.link is not None and self.link_mode != "none" and h.recv_bufs:
             if self.link_mode == "model":

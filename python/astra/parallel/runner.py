@@ -1,5 +1,10 @@
-"""The runner: one process per rank, ``torch.distributed`` (gloo on CPU, NCCL-capable
-set-up on GPU), every rank holding the weights and its contiguous chunk of tokens.
+"""The runner: one process per rank, ``torch.distributed`` over gloo, every rank holding
+the weights and its contiguous chunk of tokens. Ranks compute on the CPU, or on a GPU
+(``device="cuda"``, ``astra run --device cuda``: rank r on GPU ``r % count``); frames
+always travel as host bytes over gloo — per layer a rank sends a few hundred bytes of
+codes, which needs no NCCL, and several ranks can share one GPU. (No NCCL transport:
+the sp/tp baselines' large fp32 payloads on a fast GPU interconnect are not what this
+runner measures.)
 
 Process model
 -------------
@@ -43,6 +48,7 @@ widths per layer being part of the set-up (:mod:`astra.parallel.wire`, ``rcodes`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import signal
@@ -145,10 +151,30 @@ def wire_bits(cb) -> Dict[str, Any]:
     return dict(bits=0, stage_bits=stage_bits, G=cb.groups, K=cb.codebook_size)
 
 
-def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
+def _rank_device(device: str, rank: int) -> torch.device:
+    """``"cpu"``, or ``"cuda"``: rank r on GPU ``r % device_count`` (several ranks may
+    share one GPU)."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if device != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device on this host")
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def _run_job(job: Job, model, rank: int, world: int,
+             device: torch.device = torch.device("cpu")) -> Dict[str, Any]:
     import astra
     from .comm import DistCommunicator, VirtualClock, WallClock
     from .staged import TPBlock, family_of
+
+    on_gpu = device.type == "cuda"
+    if on_gpu and job.clock == "virtual":
+        raise ValueError("the virtual clock counts a rank's CPU time; GPU ranks need "
+                         "clock='wall'")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    job = dataclasses.replace(job, inputs=job.inputs.to(device))
 
     fam = family_of(model)
     n = fam.n_content(job.inputs)
@@ -163,11 +189,12 @@ def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
         cbs = job_codebooks(job)
         if cbs is None:
             raise ValueError("strategy 'astra' needs codebooks")
+        cbs = cbs.to(device)
         wb = wire_bits(cbs)
         G, K, bits, stage_bits = wb["G"], wb["K"], wb["bits"], wb["stage_bits"]
     comm = DistCommunicator(rank, world, chunks, causal=fam.causal, wire=job.wire, bits=bits,
                             stage_bits=stage_bits, link=job.link, link_mode=job.link_mode,
-                            timeout_s=job.timeout_s)
+                            timeout_s=job.timeout_s, device=device)
     if job.fault:
         what, who = job.fault.split(":")
         if int(who) == rank and what in ("corrupt", "truncate"):
@@ -235,8 +262,10 @@ def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
                 comm.clock = (VirtualClock(os.environ.get("ASTRA_CPU_LOCK"))
                               if job.clock == "virtual" else WallClock())
                 comm.reset_stats()
+                sync()
                 t0 = comm.clock.now()
                 out = forward()
+                sync()
                 t = comm.clock.now() - t0
                 if job.clock == "virtual":
                     comm.clock.close()
@@ -251,7 +280,8 @@ def _run_job(job: Job, model, rank: int, world: int) -> Dict[str, Any]:
             astra.unpatch(model)
     return dict(name=job.name, strategy=job.strategy, wire=job.wire, rank=rank, times=times,
                 bytes_sent=sent, waits=waits, collectives=stats, chunks=chunks,
-                output=out if rank == 0 else None, bits=bits, G=G, K=K,
+                output=out.cpu() if rank == 0 and out is not None else None, bits=bits,
+                G=G, K=K,
                 stage_bits=stage_bits,
                 bits_per_token=(None if cbs is None else
                                 [cbs.layer_bits(i) for i in range(cbs.num_layers)]))
@@ -266,14 +296,17 @@ def _worker(jobfile: str, outdir: str) -> int:
     with open(jobfile, "rb") as f:
         spec = pickle.load(f)
     torch.set_num_threads(spec.get("threads", 1))
+    device = _rank_device(spec.get("device", "cpu"), rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     timeout = max(j.timeout_s for j in spec["jobs"])
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout))
     try:
         import astra_kernels
         astra_kernels.set_code_checks(False)  # codes come from our own encoder / decoder
-        model = spec["model"].build()
-        results = [_run_job(j, model, rank, world) for j in spec["jobs"]]
+        model = spec["model"].build().to(device)
+        results = [_run_job(j, model, rank, world, device) for j in spec["jobs"]]
         torch.save(results, Path(outdir) / f"rank{rank}.pt")
     finally:
         try:
@@ -292,8 +325,13 @@ def _free_port() -> int:
 
 
 def launch(model: ModelSpec, jobs: Sequence[Job], world: int, *, threads: int = 1,
-           netns=None, startup_timeout_s: float = 120.0) -> List[List[Dict[str, Any]]]:
+           netns=None, startup_timeout_s: float = 120.0,
+           device: str = "cpu") -> List[List[Dict[str, Any]]]:
     """Run ``jobs`` on ``world`` fresh worker processes; returns ``results[job][rank]``.
+
+    ``device``: ``"cpu"``, or ``"cuda"`` (rank r computes on GPU ``r % count``; frames
+    still travel as host bytes over gloo: a few hundred bytes of codes per layer do
+    not need NCCL, and several ranks can share one GPU). Outputs come back on the CPU.
 
     ``netns``: a :class:`~astra.parallel.netns.NetnsLab` (entered) to start rank r in
     its namespace; rank 0's lab address is the rendezvous.
@@ -303,7 +341,7 @@ def launch(model: ModelSpec, jobs: Sequence[Job], world: int, *, threads: int = 
     with tempfile.TemporaryDirectory(prefix="astra-run-") as tmp:
         jobfile = os.path.join(tmp, "jobs.pkl")
         with open(jobfile, "wb") as f:
-            pickle.dump(dict(model=model, jobs=jobs, threads=threads), f)
+            pickle.dump(dict(model=model, jobs=jobs, threads=threads, device=device), f)
         port = _free_port()
         procs, logs = [], []
         src = str(Path(__file__).resolve().parents[2])
@@ -442,6 +480,9 @@ def _describe(cbs) -> str:
 
 def _cmd_run(args) -> int:
     from .links import LinkModel
+    if args.device == "cuda" and args.clock == "virtual":
+        raise SystemExit("astra run: --clock virtual counts CPU time; use --clock wall "
+                         "with --device cuda")
     try:
         model, inputs, cbs = setup(args.model, args.tokens, getattr(args, "codebooks", None),
                                    getattr(args, "checkpoint", None))
@@ -453,7 +494,7 @@ def _cmd_run(args) -> int:
     job = Job(args.strategy, inputs, wire=args.wire, codebooks=cbs, chunks=chunks,
               output="compact", link=link,
               clock=args.clock, repeats=args.repeats, warmup=1)
-    res = summarize(launch(model, [job], args.devices)[0])
+    res = summarize(launch(model, [job], args.devices, device=args.device)[0])
     wire = f" wire={res['wire']}" if res["strategy"] in ("sp", "tp") else ""
     if res["strategy"] == "astra" and _describe(cbs):
         wire = f" ({_describe(cbs)})"
@@ -503,6 +544,7 @@ def _torchrun(argv: List[str]) -> int:
     ap.add_argument("--wire", default="fp32", choices=("fp32", "fp16", "int8"))
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     from .cli import add_codebook_args
     add_codebook_args(ap)
     a = ap.parse_args(argv)
@@ -515,7 +557,7 @@ def _torchrun(argv: List[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         jf = os.path.join(tmp, "jobs.pkl")
         with open(jf, "wb") as f:
-            pickle.dump(dict(model=model, jobs=[job], threads=1), f)
+            pickle.dump(dict(model=model, jobs=[job], threads=1, device=a.device), f)
         _worker(jf, tmp)
         r = torch.load(os.path.join(tmp, f"rank{os.environ['RANK']}.pt"), weights_only=False)[0]
     if int(os.environ["RANK"]) == 0:

@@ -144,10 +144,10 @@ class HFBert(Family):
 
     def embed(self, inputs, lo, hi, cls):
         ids = inputs
-        pos = torch.arange(1 + lo, 1 + hi)
+        pos = torch.arange(1 + lo, 1 + hi, device=ids.device)
         if cls:
             ids = torch.cat([ids[:, :1], ids[:, 1 + lo:1 + hi]], 1)
-            pos = torch.cat([torch.zeros(1, dtype=torch.long), pos])
+            pos = torch.cat([torch.zeros(1, dtype=torch.long, device=ids.device), pos])
         else:
             ids = ids[:, 1 + lo:1 + hi]
         B = ids.shape[0]
@@ -190,7 +190,7 @@ class HFGPT2(Family):
 
     def embed(self, inputs, lo, hi, cls):
         ids = inputs[:, lo:hi]
-        pos = torch.arange(lo, hi).unsqueeze(0)
+        pos = torch.arange(lo, hi, device=ids.device).unsqueeze(0)
         return self.base.drop(self.base.wte(ids) + self.base.wpe(pos))
 
     def blocks(self):
