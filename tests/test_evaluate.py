@@ -119,6 +119,32 @@ def test_residual_kernel_path_equals_torch_path():
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
+def test_size_one_stages_are_folded_for_the_kernels_and_change_nothing():
+    # per-layer budgets: layer 0 has (16, 1, 1) (one code: its size-1 stages are fixed
+    # offsets, folded into the table), layer 1 (16, 4, 1) (two codes left)
+    model = _bert()
+    batch = _ids(1)[0]
+    acts = astra.collect_activations(model, _ids(3))
+    full = fit_residual(acts, (16, 4, 3), iters=4, progress=False)
+    t = full.tensor.clone()
+    t[0, 1, 1:] = 0
+    t[0, 2, 1:] = 0
+    t[1, 2, 1:] = 0
+    cb = Codebooks(t, stage_sizes=[(16, 1, 1), (16, 4, 1)])
+    outs = []
+    for kernels in (True, False):
+        astra.patch(model, cb, devices=3, use_kernels=kernels)
+        if kernels:
+            attns = [m for m in model.modules() if isinstance(m, astra.AstraAttention)]
+            cols = [a.kernel_tables()[0] for a in attns]
+            assert cols == [[0], [0, 1]]
+            assert attns[0].kernel_tables()[1].shape[0] == 1  # one table left: G=1 paths
+        with torch.no_grad():
+            outs.append(model(**batch).last_hidden_state)
+        astra.unpatch(model)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------- distillation
 
 def test_distill_moves_only_the_codebooks_and_lowers_the_loss():

@@ -257,6 +257,7 @@ class AstraAttention(nn.Module):
         self._cls_state = None
         self._tables = None
         self._tables_key = None
+        self._folded = None  # kernel_tables(), rebuilt with the tables
         # Training-time quantizer of the remote embeddings (fine-tuning: straight-through
         # estimator, noise augmentation; see astra.finetune). Used only while
         # ``self.training`` in simulate mode; None: plain nearest-codeword lookup.
@@ -315,7 +316,7 @@ class AstraAttention(nn.Module):
         self.communicator = communicator
         self.use_kernels = use_kernels
         self._cls_state = cls_state
-        self._tables = self._tables_key = None
+        self._tables = self._tables_key = self._folded = None
         return self
 
     def _ref_param(self) -> Tensor:
@@ -384,7 +385,30 @@ class AstraAttention(nn.Module):
                     t[0] += b.float()
                 tabs.append(t.reshape(G, K, self.num_kv_heads, self.head_dim).to(W.dtype))
         self._tables, self._tables_key = (tabs[0], tabs[1]), key
+        self._folded = None
         return self._tables
+
+    def kernel_tables(self) -> Optional[Tuple[Optional[List[int]], Tensor, Tensor]]:
+        """``(cols, pk, pv)`` for the kernels: :meth:`projected_tables` with every
+        residual stage of size 1 folded into stage 0's table (its code is always 0, so
+        its row is a constant offset), ``cols`` the code columns that remain (None: all).
+        Layers given more stages elsewhere (per-layer budgets) then run as G=1 again,
+        which keeps the kernels' codebook-space path. None where
+        :meth:`projected_tables` is None."""
+        tabs = self.projected_tables()
+        st = self.stage_sizes
+        if tabs is None or st is None or all(k > 1 for k in st[1:]):
+            return None if tabs is None else (None, tabs[0], tabs[1])
+        if self._folded is None:
+            cols = [0] + [i for i in range(1, len(st)) if st[i] > 1]
+            fixed = [i for i in range(1, len(st)) if st[i] == 1]
+            out = []
+            for t in tabs:
+                f = t[cols].float()
+                f[0] += t[fixed, 0].float().sum(0)
+                out.append(f.to(t.dtype))
+            self._folded = (cols, out[0], out[1])
+        return self._folded
 
     # ----------------------------------------------------------------- forward
     def attend(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None,
@@ -489,9 +513,11 @@ class AstraAttention(nn.Module):
         if self.codebook is None:
             return None
         codes = self.encode(x)
-        tabs = self.projected_tables()
-        if tabs is not None:
-            return ("codes", codes, tabs[0].to(x.dtype), tabs[1].to(x.dtype))
+        kt = self.kernel_tables()
+        if kt is not None:
+            cols, pk, pv = kt
+            return ("codes", codes if cols is None else codes[..., cols],
+                    pk.to(x.dtype), pv.to(x.dtype))
         kq, vq = self.project_kv(self.dequantize(codes, x.dtype))
         return ("kv", kq, vq)
 
@@ -560,9 +586,11 @@ class AstraAttention(nn.Module):
             rvalid = None
             xr = remote_payload.to(x.dtype)
         if ok and self._kernel_ok(x):
-            tabs = self.projected_tables() if self.codebook is not None else None
-            if tabs is not None:
-                remote = ("codes", remote_payload, tabs[0].to(x.dtype), tabs[1].to(x.dtype))
+            kt = self.kernel_tables() if self.codebook is not None else None
+            if kt is not None:
+                cols, pk, pv = kt
+                remote = ("codes", remote_payload if cols is None else remote_payload[..., cols],
+                          pk.to(x.dtype), pv.to(x.dtype))
             else:
                 kr, vr = self.project_kv(xr)
                 remote = ("kv", kr, vr)
@@ -603,7 +631,9 @@ class AstraAttention(nn.Module):
             extra.update(q_pos=qpos, kv_pos=qpos[:0], remote_pos=rpos)
         k0, v0 = k[:, :, :0], v[:, :, :0]
         if self.codebook is not None:
-            pk, pv = self.projected_tables()
+            cols, pk, pv = self.kernel_tables()
+            if cols is not None:
+                remote = remote[..., cols].contiguous()
             o_rem, lse_rem = astra_kernels.mixed_attention(
                 q, k0, v0, remote, pk.to(x.dtype), pv.to(x.dtype), **extra)
         else:
