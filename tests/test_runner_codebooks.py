@@ -225,3 +225,14 @@ def test_minilm_inputs_tokenize_long_passages_without_the_length_warning(capfd):
         if len(ids) >= 510:
             assert x[0, 1:-1].tolist() == ids[:510]
             break
+
+
+def test_demo_describes_per_layer_budgets():
+    from astra import demo
+    t = torch.randn(6, 3, 8, 4)
+    per_layer = astra.Codebooks(t, stage_sizes=[(8, 1, 1)] * 5 + [(8, 8, 8)])
+    assert demo._describe(per_layer) == ("K=8, 2 residual stages more in the last layer "
+                                         "(3 bits/token in layers 0-4, 9 in the last, "
+                                         "4 on average)")
+    grouped = astra.Codebooks(torch.randn(6, 2, 8, 4))
+    assert demo._describe(grouped) == "G=2 K=8 (6 bits/token)"
