@@ -18,35 +18,43 @@ G, K = 2, 16
 BITS = 4
 
 CASES = {
-    # name: (factory, world, tokens) -- tokens chosen so chunks are uneven
+    # name: (factory, world, inputs) -- inputs: token count (chosen so chunks are
+    # uneven) or an image shape
     "gpt2-N2": (e2e.tiny_gpt2, 2, 23),
     "bert-N3": (e2e.tiny_bert, 3, 24),   # 23 content tokens over 3 ranks: 8, 8, 7
     "gpt2-N4": (e2e.tiny_gpt2, 4, 30),
-    "hfvit-N3": (e2e.tiny_hf_vit, 3, None),  # 8x8 images, 2x2 patches: 16 tokens + class
+    "hfvit-N3": (e2e.tiny_hf_vit, 3, (1, 8, 8)),  # 2x2 patches: 16 tokens + class
+    "timm-N3": (e2e.tiny_vit, 3, (3, 32, 32)),    # 8x8 patches: 16 tokens + class
 }
 
 
 def _inputs(tokens, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    if tokens is None:  # images for the ViT
-        return torch.rand(2, 1, 8, 8, generator=gen)
+    if isinstance(tokens, tuple):  # images for the ViTs
+        return torch.rand(2, *tokens, generator=gen)
     return torch.randint(0, 97, (2, tokens), generator=gen)
 
 
 def _content_tokens(factory, tokens):
-    return {e2e.tiny_bert: tokens - 1 if tokens else 0, e2e.tiny_hf_vit: 16}.get(factory, tokens)
+    if isinstance(tokens, tuple):
+        return 16  # both ViT cases have 16 patches
+    return tokens - 1 if factory is e2e.tiny_bert else tokens
+
+
+def _output(out):
+    if isinstance(out, torch.Tensor):  # timm
+        return out
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def _reference(model, x, cb, world):
     with torch.no_grad():
-        out = model(x)
-        ref = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        ref = _output(model(x))
         astra.patch(model, astra.Codebooks(cb), devices=world)
         try:
-            out = model(x)
+            sim = _output(model(x))
         finally:
             astra.unpatch(model)
-        sim = out.logits if hasattr(out, "logits") else out.last_hidden_state
     return ref, sim
 
 

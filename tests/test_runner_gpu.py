@@ -12,12 +12,10 @@ import sys
 import pytest
 import torch
 
-import astra
 from astra.bench import e2e
 from astra.parallel.runner import Job, ModelSpec, RunnerError, launch
 from tests._util import HAS_CUDA, requires_cuda
-
-G, K = 2, 16
+from tests.test_runner import G, K, _reference
 
 
 def _case(factory, world, x):
@@ -25,14 +23,7 @@ def _case(factory, world, x):
     model = spec.build()
     with torch.no_grad():
         cb = e2e.quick_codebooks(model, x, G=G, K=K)
-        out = model(x)
-        ref = out.logits if hasattr(out, "logits") else out.last_hidden_state
-        astra.patch(model, astra.Codebooks(cb), devices=world)
-        try:
-            out = model(x)
-        finally:
-            astra.unpatch(model)
-        sim = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    ref, sim = _reference(model, x, cb, world)
     jobs = [Job("astra", x, codebooks=cb, name="astra"), Job("sp", x, name="sp"),
             Job("tp", x, name="tp"), Job("single", x, name="single")]
     res = launch(spec, jobs, world, device="cuda")

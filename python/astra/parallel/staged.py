@@ -85,9 +85,29 @@ class Family:
         raise NotImplementedError
 
 
-class TimmViT(Family):
+class _ClassTokenViT(Family):
+    """ViTs: patch tokens after a class token that every rank copies; the output is the
+    head on the pooled class token (``tail`` of ``[B, T, D]``, class token first)."""
+
     has_cls = True
 
+    def _tokens(self, img) -> Tensor:
+        raise NotImplementedError
+
+    def embed(self, inputs, lo, hi, cls):
+        x = self._tokens(inputs)  # [B, 1 + patches, D], class token first
+        parts = ([x[:, :1]] if cls else []) + [x[:, 1 + lo:1 + hi]]
+        return torch.cat(parts, 1)
+
+    def summary(self, h, cls):
+        return h[:, :1]
+
+    def finish_compact(self, summaries, n_tokens):
+        cls = torch.stack([s[:, 0] for s in summaries]).mean(0).unsqueeze(1)
+        return self.tail(cls)
+
+
+class TimmViT(_ClassTokenViT):
     def _tokens(self, img):
         m = self.model
         x = m.patch_embed(img)
@@ -97,24 +117,12 @@ class TimmViT(Family):
     def n_content(self, inputs):
         return int(self.model.patch_embed.num_patches)
 
-    def embed(self, inputs, lo, hi, cls):
-        x = self._tokens(inputs)
-        parts = ([x[:, :1]] if cls else []) + [x[:, 1 + lo:1 + hi]]
-        return torch.cat(parts, 1)
-
     def blocks(self):
         return list(self.model.blocks)
 
     def tail(self, h):
         m = self.model
         return m.forward_head(m.norm(h))
-
-    def summary(self, h, cls):
-        return h[:, :1]
-
-    def finish_compact(self, summaries, n_tokens):
-        cls = torch.stack([s[:, 0] for s in summaries]).mean(0).unsqueeze(1)
-        return self.tail(cls)
 
     def tp_spec(self, blk):
         a, mlp = blk.attn, blk.mlp
@@ -217,11 +225,9 @@ class HFGPT2(Family):
                       a.num_heads, a.head_dim, float(a.scaling), True)
 
 
-class HFViT(Family):
+class HFViT(_ClassTokenViT):
     """HF ``vit`` models (``ViTModel`` or ``ViTForImageClassification``): pixels in,
     the class token's logits out (the normalized hidden states for ``ViTModel``)."""
-
-    has_cls = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -230,10 +236,8 @@ class HFViT(Family):
     def n_content(self, inputs):
         return int(self.base.embeddings.patch_embeddings.num_patches)
 
-    def embed(self, inputs, lo, hi, cls):
-        x = self.base.embeddings(inputs)  # [B, 1 + patches, D], class token first
-        parts = ([x[:, :1]] if cls else []) + [x[:, 1 + lo:1 + hi]]
-        return torch.cat(parts, 1)
+    def _tokens(self, img):
+        return self.base.embeddings(img)
 
     def blocks(self):
         from astra.models import resolve
@@ -243,13 +247,6 @@ class HFViT(Family):
         h = self.base.layernorm(h)
         head = getattr(self.model, "classifier", None)
         return head(h[:, 0]) if head is not None else h
-
-    def summary(self, h, cls):
-        return h[:, :1]
-
-    def finish_compact(self, summaries, n_tokens):
-        cls = torch.stack([s[:, 0] for s in summaries]).mean(0).unsqueeze(1)
-        return self.tail(cls)
 
     def tp_spec(self, blk):
         a, mlp = blk.attention, blk.mlp
