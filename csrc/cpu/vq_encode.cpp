@@ -16,8 +16,11 @@
 //   expanded form loses precision when x ~ c, so the second-best distance is tracked
 //   too; a row-group whose best two are closer than the rounding bound of the
 //   expanded form (2 x (2 dg + 4) u (cmax^2 + 2 |x| cmax), u = 2^-24) is re-ranked
-//   exactly: direct fp32 distances sum((x - c)^2) to all codewords (error relative to
-//   the distance itself, so tight near x), then fp64 for the codewords within that
+//   exactly. When the tile's dot products for all K codewords fit kKeepDots they are
+//   kept, and fp64 distances are computed only for the codewords whose expanded
+//   distance is within twice that bound of the best (the exact argmin is among them).
+//   Otherwise: direct fp32 distances sum((x - c)^2) to all codewords (error relative
+//   to the distance itself, so tight near x), then fp64 for the codewords within that
 //   bound of the smallest. So the result is the exact argmin of the fp32 inputs, as
 //   the fp64 reference's.
 // - bf16 (precision="bf16", where the CPU has AVX512-BF16): bf16 products with fp32
