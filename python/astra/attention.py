@@ -410,6 +410,15 @@ class AstraAttention(nn.Module):
             self._folded = (cols, out[0], out[1])
         return self._folded
 
+    def _code_source(self, codes: Tensor, dtype: torch.dtype) -> Optional[tuple]:
+        """``("codes", codes, pk, pv)`` for the kernels (the code columns that
+        :meth:`kernel_tables` keeps), or None without tables."""
+        kt = self.kernel_tables()
+        if kt is None:
+            return None
+        cols, pk, pv = kt
+        return ("codes", codes if cols is None else codes[..., cols], pk.to(dtype), pv.to(dtype))
+
     # ----------------------------------------------------------------- forward
     def attend(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None,
                causal: Optional[bool] = None) -> Tensor:
@@ -513,11 +522,9 @@ class AstraAttention(nn.Module):
         if self.codebook is None:
             return None
         codes = self.encode(x)
-        kt = self.kernel_tables()
-        if kt is not None:
-            cols, pk, pv = kt
-            return ("codes", codes if cols is None else codes[..., cols],
-                    pk.to(x.dtype), pv.to(x.dtype))
+        src = self._code_source(codes, x.dtype)
+        if src is not None:
+            return src
         kq, vq = self.project_kv(self.dequantize(codes, x.dtype))
         return ("kv", kq, vq)
 
@@ -586,12 +593,9 @@ class AstraAttention(nn.Module):
             rvalid = None
             xr = remote_payload.to(x.dtype)
         if ok and self._kernel_ok(x):
-            kt = self.kernel_tables() if self.codebook is not None else None
-            if kt is not None:
-                cols, pk, pv = kt
-                remote = ("codes", remote_payload if cols is None else remote_payload[..., cols],
-                          pk.to(x.dtype), pv.to(x.dtype))
-            else:
+            remote = (self._code_source(remote_payload, x.dtype)
+                      if self.codebook is not None else None)
+            if remote is None:
                 kr, vr = self.project_kv(xr)
                 remote = ("kv", kr, vr)
             o = _chunk_kernel(q, k, v, remote, valid, rvalid, causal, qpos, rpos, self.scale)
@@ -631,11 +635,9 @@ class AstraAttention(nn.Module):
             extra.update(q_pos=qpos, kv_pos=qpos[:0], remote_pos=rpos)
         k0, v0 = k[:, :, :0], v[:, :, :0]
         if self.codebook is not None:
-            cols, pk, pv = self.kernel_tables()
-            if cols is not None:
-                remote = remote[..., cols].contiguous()
+            _, codes, pk, pv = self._code_source(remote, x.dtype)
             o_rem, lse_rem = astra_kernels.mixed_attention(
-                q, k0, v0, remote, pk.to(x.dtype), pv.to(x.dtype), **extra)
+                q, k0, v0, codes.contiguous(), pk, pv, **extra)
         else:
             kr, vr = self.project_kv(remote.to(x.dtype))
             o_rem, lse_rem = astra_kernels.mixed_attention(q, k0, v0, remote_k=kr,
