@@ -43,7 +43,6 @@ KERNELS = {
 }
 
 
-
 def _release(version: str) -> tuple:
     out = []
     for part in version.split("+")[0].split(".")[:2]:

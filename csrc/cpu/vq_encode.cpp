@@ -397,7 +397,7 @@ void vq_encode_fp32(const scalar_t* x, const VqProblem& p, int64_t row_tile) {
     float* best = dot + dot_rows * row_tile;
     float* arg = best + row_tile;            // argmin as float: exact for K <= 2^24
     float* second = arg + row_tile;
-    std::vector<float> direct;  // near-tie re-rank: fp32 direct distances to all codewords
+    std::vector<float> direct;  // near-tie re-rank: a score per codeword
 
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t r0 = t * row_tile;
@@ -436,33 +436,31 @@ void vq_encode_fp32(const scalar_t* x, const VqProblem& p, int64_t row_tile) {
             const double cm = cmax[g];
             const double eps = (2.0 * dg + 4.0) * kUnit * (cm * cm + 2.0 * xn * cm) * 1.25;
             const double gap = static_cast<double>(second[r]) - static_cast<double>(best[r]);
-            if (!(gap > 2.0 * eps) && keep) {  // near-tie: fp64 over the candidates
-              // |dist~(c) - dist(c)| <= eps for every c, so the exact argmin c* has
-              // dist~(c*) <= dist(c*) + eps <= dist(best) + eps <= best + 2 eps
-              // (dist~ recomputed exactly as argmin_rows does: -2 dot is exact)
-              const double lim = static_cast<double>(best[r]) + 2.0 * eps;
-              double bd = std::numeric_limits<double>::infinity();
-              for (int64_t c = 0; c < K; ++c) {
-                const float dc = std::fma(dot[c * row_tile + r], -2.f, cn_g[c]);
-                if (!(static_cast<double>(dc) <= lim)) continue;  // NaN: never
-                const double dd = sq_dist64(xr, cb_g + c * dg, dg);
-                if (dd < bd) bd = dd, code = c;
-              }
-            } else if (!(gap > 2.0 * eps)) {  // near-tie (or NaN): exact re-rank
-              // direct distances in fp32 first: |d32 - d| <= delta d (relative, so tight
-              // near x), then fp64 only for the codewords that can still be the argmin:
-              // d32(c) <= d32_min (1 + delta) / (1 - delta)
+            if (!(gap > 2.0 * eps)) {  // near-tie (or NaN): exact re-rank
+              // score every codeword, then fp64 distances only for those scoring <= lim
               if (static_cast<int64_t>(direct.size()) < K) direct.resize(K);
-              float dmin = std::numeric_limits<float>::infinity();
-              for (int64_t c = 0; c < K; ++c) {
-                direct[c] = sq_dist(xr, cb_g + c * dg, dg);
-                dmin = std::min(dmin, direct[c]);  // NaN never becomes the min
+              double lim;
+              if (keep) {
+                // the kept expanded distances (recomputed exactly as argmin_rows does:
+                // -2 dot is exact): |dist~(c) - dist(c)| <= eps for every c, so the
+                // exact argmin c* has dist~(c*) <= dist(best) + eps <= best + 2 eps
+                for (int64_t c = 0; c < K; ++c)
+                  direct[c] = std::fma(dot[c * row_tile + r], -2.f, cn_g[c]);
+                lim = static_cast<double>(best[r]) + 2.0 * eps;
+              } else {
+                // direct distances in fp32: |d32 - d| <= delta d (relative, so tight
+                // near x); the argmin has d32(c) <= d32_min (1 + delta) / (1 - delta)
+                float dmin = std::numeric_limits<float>::infinity();
+                for (int64_t c = 0; c < K; ++c) {
+                  direct[c] = sq_dist(xr, cb_g + c * dg, dg);
+                  dmin = std::min(dmin, direct[c]);  // NaN never becomes the min
+                }
+                const double delta = (dg + 4.0) * kUnit * 1.25;
+                lim = static_cast<double>(dmin) * (1.0 + delta) / (1.0 - delta);
               }
-              const double delta = (dg + 4.0) * kUnit * 1.25;
-              const double lim = static_cast<double>(dmin) * (1.0 + delta) / (1.0 - delta);
               double bd = std::numeric_limits<double>::infinity();
               for (int64_t c = 0; c < K; ++c) {
-                if (!(static_cast<double>(direct[c]) <= lim)) continue;
+                if (!(static_cast<double>(direct[c]) <= lim)) continue;  // NaN: never
                 const double dd = sq_dist64(xr, cb_g + c * dg, dg);
                 if (dd < bd) bd = dd, code = c;
               }

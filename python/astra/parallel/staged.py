@@ -241,7 +241,7 @@ class HFViT(_ClassTokenViT):
 
     def blocks(self):
         from astra.models import resolve
-        return resolve(self.model)[1].layers(self.model)  # 5.x: .layers; older: .encoder.layer
+        return resolve(self.model)[1].layers(self.model)  # the patch adapter's layer list
 
     def tail(self, h):
         h = self.base.layernorm(h)
