@@ -272,7 +272,8 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
     if out_b.shape != out_a.shape:
         raise ValueError(f"out_b has shape {tuple(out_b.shape)} but out_a has {tuple(out_a.shape)}")
     if out_a.dim() < 1 or lse_a.shape != out_a.shape[:-1]:
-        raise ValueError(f"lse_a has shape {tuple(lse_a.shape)}; expected {tuple(out_a.shape[:-1])}")
+        raise ValueError(f"lse_a has shape {tuple(lse_a.shape)}; "
+                         f"expected {tuple(out_a.shape[:-1])}")
     if lse_b.shape != lse_a.shape:
         raise ValueError(f"lse_b has shape {tuple(lse_b.shape)} but lse_a has {tuple(lse_a.shape)}")
     return torch.ops.astra.merge_attention(out_a.contiguous(), lse_a.contiguous(),

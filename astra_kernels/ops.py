@@ -1,4 +1,5 @@
-"""Every Astra op, declared in one place (torch.library namespace ``astra``).
+"""Every Astra op, declared in one place (torch.library namespace ``astra``; the same
+schemas serve ``astra_C`` and ``astra_triton``).
 
 Each op has
 - a schema (below),
@@ -8,8 +9,20 @@ Each op has
 
 The ops take inputs already validated and normalized by :mod:`astra_kernels.api`;
 call those wrappers (``astra_kernels.vq_encode`` ...) rather than ``torch.ops.astra``
-unless you know the inputs are well formed. The compiled kernels live under
-``torch.ops.astra_C`` with identical schemas.
+unless you know the inputs are well formed.
+
+:data:`SCHEMAS` is the only place the schemas are written. Every namespace takes them
+from here:
+- ``astra``: defined below;
+- ``astra_C`` (the compiled kernels): the extension registers kernels only
+  (``TORCH_LIBRARY_IMPL``); :func:`define_compiled` gives them these schemas right after
+  ``astra_kernels._C`` is imported. The dispatcher keeps kernels registered before their
+  schema and checks each kernel's C++ signature against the schema when it arrives, so
+  a kernel that disagrees with this list fails loudly. The C++ test binary (no Python)
+  defines the same list from a header that CMake generates from this file;
+- ``astra_triton`` (Triton ops that ``torch.compile`` traces into):
+  :func:`astra_kernels.triton._common.register_op` (``mixed_attention`` appends a
+  ``remote_path`` option).
 
 Kernel contract (what every backend may assume):
 - ``vq_encode``: ``x [M, D]`` contiguous float (fp32/fp16/bf16), ``codebooks [G, K, D/G]``
@@ -42,9 +55,33 @@ SCHEMAS = {
                        "Tensor lse_b) -> (Tensor, Tensor)",
 }
 
-_lib = Library("astra", "DEF")
-for _schema in SCHEMAS.values():
-    _lib.define(_schema)
+
+def signature(op: str) -> str:
+    """``SCHEMAS[op]`` without the op name: ``"(args) -> returns"``."""
+    return SCHEMAS[op][len(op):]
+
+
+def _define(namespace: str, kind: str) -> Library:
+    lib = Library(namespace, kind)
+    for schema in SCHEMAS.values():
+        lib.define(schema)
+    return lib
+
+
+_lib = _define("astra", "DEF")
+_compiled_lib: Library | None = None  # kept alive: a freed Library drops its ops
+
+
+def define_compiled() -> None:
+    """Give the compiled kernels (``torch.ops.astra_C``) the schemas of :data:`SCHEMAS`.
+
+    Called once by :func:`astra_kernels._backends._load_C` after ``astra_kernels._C`` is
+    imported. Raises ``RuntimeError`` when a kernel's C++ signature disagrees with its
+    schema, or when the extension defines a schema itself (a build older than this file).
+    """
+    global _compiled_lib
+    if _compiled_lib is None:
+        _compiled_lib = _define("astra_C", "FRAGMENT")
 
 
 def _forwarder(op: str, device_type: str):

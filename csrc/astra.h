@@ -1,7 +1,8 @@
 // Astra compiled kernels: declarations shared by the CPU and CUDA sources.
-// Schemas live in csrc/registration.cpp (namespace astra_C) and mirror
-// astra_kernels/ops.py; inputs arrive validated by astra_kernels/api.py, and every
-// kernel re-checks what memory safety depends on (TORCH_CHECK).
+// The op schemas are those of astra_kernels/ops.py (SCHEMAS), given to namespace
+// astra_C from Python (see csrc/registration.cpp); inputs arrive validated by
+// astra_kernels/api.py, and every kernel re-checks what memory safety depends on
+// (TORCH_CHECK).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>

@@ -3,10 +3,12 @@
 ``IMPLS[op]`` takes exactly the positional arguments of the op's schema in
 :mod:`astra_kernels.ops` and honours its kernel contract. Each entry is the plain
 launcher: the ``astra::`` op that calls it already is the dispatched custom op (with a
-fake kernel), and going through a second op cost ~65 us of host time per call on an
-H100. Each launcher is also registered as a ``torch.library.triton_op``
-(``torch.ops.astra_triton.<op>``) that launches through ``wrap_triton``, so
+fake kernel), and a second op inside it would add its own dispatch cost to every call.
+Each launcher is also registered as a ``torch.library.triton_op``
+(``torch.ops.astra_triton.<op>``, ``OPS[op]``) with the schema of ``ops.SCHEMAS[op]``
+(``mixed_attention`` adds ``remote_path``); it launches through ``wrap_triton`` so
 ``torch.compile`` traces into the Triton kernels when those ops are called directly.
+What the kernel modules share is in :mod:`._common`.
 
 With ``TRITON_INTERPRET=1`` set before this package is imported the same kernels run
 on CPU tensors in Triton's interpreter (one autotune config, no timing). Set
@@ -15,13 +17,18 @@ on CPU tensors in Triton's interpreter (one autotune config, no timing). Set
 """
 import os
 import warnings
-from typing import Optional
 
-from .mixed_attention import (_code_counts_kernel, _merge_attention_kernel,
-                              _mixed_attention_fwd_kernel,
-                              choose_remote_path, code_counts, merge_attention_op,
-                              merge_attention_triton, mixed_attention_op,
-                              mixed_attention_triton)
+from .mixed_attention import (
+    _code_counts_kernel,
+    _merge_attention_kernel,
+    _mixed_attention_fwd_kernel,
+    choose_remote_path,
+    code_counts,
+    merge_attention_op,
+    merge_attention_triton,
+    mixed_attention_op,
+    mixed_attention_triton,
+)
 from .vq_encode import _vq_encode_kernel, vq_encode_op, vq_encode_triton
 
 IMPLS = {
@@ -51,14 +58,13 @@ def _release(version: str) -> tuple:
     return tuple(out)
 
 
-def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     """Why Triton's CPU interpreter will fail with these versions, or ``None``.
 
-    Triton 3.6's interpreter turns a scalar kernel argument into a Python int with
-    ``int(array)`` on a one-element array, which numpy 2.4 refuses ("only
-    0-dimensional arrays can be converted to Python scalars"): every kernel that uses
-    a runtime scalar in ``range`` fails. Seen with triton 3.6.0 + numpy 2.4.6; the same
-    tests pass with numpy 2.3.5, and with triton 3.8 + numpy 2.4. Compiled kernels (a
+    Triton before 3.8 turns a scalar kernel argument into a Python int with
+    ``int(array)`` on a one-element array, which numpy 2.4 and later refuse ("only
+    0-dimensional arrays can be converted to Python scalars"), so every kernel that
+    uses a runtime scalar in ``range`` fails in the interpreter. Compiled kernels (a
     GPU) are not affected.
     """
     if _release(triton_version) < (3, 8) and _release(numpy_version) >= (2, 4):
@@ -75,6 +81,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     if _problem:
         warnings.warn(_problem, RuntimeWarning, stacklevel=2)
 
-__all__ = ["interpreter_problem", "IMPLS", "OPS", "KERNELS", "vq_encode_triton",
-           "mixed_attention_triton",
-           "merge_attention_triton", "choose_remote_path", "code_counts"]
+__all__ = [
+    "IMPLS",
+    "KERNELS",
+    "OPS",
+    "choose_remote_path",
+    "code_counts",
+    "interpreter_problem",
+    "merge_attention_triton",
+    "mixed_attention_triton",
+    "vq_encode_triton",
+]

@@ -22,8 +22,7 @@ first over the local K/V tiles, then over the remote part in one of four forms
    K codewords with an additive bias ``log(count)`` (``-inf`` for unused ones). A tiny
    kernel (``_code_counts_kernel``: fp32 atomics on integer counts, exact and
    order-free) counts codes per batch, missing and out-of-range ones not counted; no
-   host sync, and one launch instead of a chain of small torch ops (whose host time
-   exceeded the attention kernel's own at 8k tokens on an H100).
+   host sync, and one launch instead of a chain of small torch ops.
    The test is made per query tile inside the kernel: non-causal, or causal with every
    remote position <= the tile's smallest query position -> codebook space; every
    remote position > the tile's largest -> nothing to do; otherwise the tile falls back
@@ -39,17 +38,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .vq_encode import _wrap
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_AUTOTUNE = os.environ.get("ASTRA_TRITON_AUTOTUNE", "1") != "0"
+from ._common import autotune_configs, dot16, launcher, register_op
 
 #: "auto" picks the remote path by the cost rule; "gather" / "codebook" force one.
 #: The ``remote_path`` argument of :func:`mixed_attention_triton` overrides this.
@@ -59,30 +54,14 @@ _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 _POS_BIG: tl.constexpr = tl.constexpr(1 << 62)
 # fp32 inputs: exact fp32 dots (TF32 would miss the fp32 reference by ~1e-3)
 FP32_PREC: tl.constexpr = tl.constexpr("ieee")
-_INTERP: tl.constexpr = tl.constexpr(_INTERPRET)
 
 
 def _attn_configs(fp32: bool):
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     if fp32:  # FMA dots on fp32 registers: small tiles (a correctness path, not a fast one)
         shapes = ((32, 32, 4, 2), (64, 32, 8, 2), (64, 16, 4, 2))
     else:
         shapes = ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3))
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in shapes]
-    return cfgs if _AUTOTUNE else cfgs[:1]
-
-
-@triton.jit
-def _dot16(a, b, acc):
-    """16-bit ``tl.dot`` with fp32 accumulation. The interpreter's dot multiplies bf16
-    as raw uint16 bits, so there both operands are widened first (exact: bf16 and fp16
-    products are exact in fp32, as on the tensor cores)."""
-    if _INTERP:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
+    return autotune_configs(("BLOCK_M", "BLOCK_N"), shapes, interpret_shape=(16, 16))
 
 
 @triton.jit
@@ -92,7 +71,7 @@ def _softmax_update(acc, m_i, l_i, q, kt, v, s_bias, qk_scale, IS_FP32: tl.const
     if IS_FP32:
         s = tl.dot(q, kt, input_precision=FP32_PREC)
     else:
-        s = _dot16(q, kt, None)
+        s = dot16(q, kt, None)
     s = s * qk_scale + s_bias
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far
@@ -103,7 +82,7 @@ def _softmax_update(acc, m_i, l_i, q, kt, v, s_bias, qk_scale, IS_FP32: tl.const
     if IS_FP32:
         acc = tl.dot(p, v, acc, input_precision=FP32_PREC)
     else:
-        acc = _dot16(p.to(v.dtype), v, acc)
+        acc = dot16(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
@@ -313,7 +292,7 @@ def code_counts(codes: Tensor, K: int) -> Tensor:
     cnt = torch.zeros((B, K), dtype=torch.float32, device=codes.device)
     if B * Tr:
         block = 1024
-        _wrap(_code_counts_kernel, codes)[(triton.cdiv(Tr, block), B)](
+        launcher(_code_counts_kernel, codes)[(triton.cdiv(Tr, block), B)](
             codes, cnt, Tr, G, K, BLOCK=block, num_warps=4)
     return cnt
 
@@ -335,14 +314,14 @@ def choose_remote_path(G: int, K: int, Tr: int, remote_path: str = "auto") -> st
     return "codebook" if G == 1 and K < Tr else "gather"
 
 
-def mixed_attention_triton(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor],
-                           pk: Optional[Tensor], pv: Optional[Tensor],
-                           remote_k: Optional[Tensor], remote_v: Optional[Tensor],
-                           causal: bool = False, q_pos: Optional[Tensor] = None,
-                           kv_pos: Optional[Tensor] = None,
-                           remote_pos: Optional[Tensor] = None,
-                           scale: Optional[float] = None,
-                           remote_path: str = "auto") -> Tuple[Tensor, Tensor]:
+def mixed_attention_triton(q: Tensor, k: Tensor, v: Tensor, codes: Tensor | None,
+                           pk: Tensor | None, pv: Tensor | None,
+                           remote_k: Tensor | None, remote_v: Tensor | None,
+                           causal: bool = False, q_pos: Tensor | None = None,
+                           kv_pos: Tensor | None = None,
+                           remote_pos: Tensor | None = None,
+                           scale: float | None = None,
+                           remote_path: str = "auto") -> tuple[Tensor, Tensor]:
     """Launcher; inputs follow the kernel contract in :mod:`astra_kernels.ops`.
     ``remote_path`` ("auto" | "gather" | "codebook") forces the code path."""
     B, H, Tq, D = q.shape
@@ -390,7 +369,7 @@ def mixed_attention_triton(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tens
 
     fp32 = q.dtype == torch.float32
     kernel = _mixed_attention_fwd_fp32_tuned if fp32 else _mixed_attention_fwd_tuned
-    _wrap(kernel, q)[grid](
+    launcher(kernel, q)[grid](
         q, k, v, rk, rv, codes_t, cnt, qp, kp, rp, rmm, out, lse,
         float(scale) * 1.4426950408889634,
         H, HKV, Tq, Tl, Tr, G, K, _bucket(Tq), _bucket(kv_eff),
@@ -427,7 +406,7 @@ def _merge_attention_kernel(oa_ptr, la_ptr, ob_ptr, lb_ptr, out_ptr, lse_ptr, R,
 
 
 def merge_attention_triton(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
-                           lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+                           lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Launcher: contiguous ``out_* [..., d]`` (one dtype), ``lse_* [...]`` fp32."""
     out = torch.empty_like(out_a)
     lse = torch.empty_like(lse_a)
@@ -439,34 +418,12 @@ def merge_attention_triton(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
         return out, lse
     block_d = triton.next_power_of_2(D)
     block_r = max(1, min(64, 2048 // block_d))
-    _wrap(_merge_attention_kernel, out_a)[(triton.cdiv(R, block_r),)](
+    launcher(_merge_attention_kernel, out_a)[(triton.cdiv(R, block_r),)](
         out_a, lse_a, out_b, lse_b, out, lse, R, D, BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4)
     return out, lse
 
 
-try:
-    from torch.library import triton_op as _triton_op
-except ImportError:
-    _triton_op = None
-
-if _triton_op is not None:
-    @_triton_op("astra_triton::mixed_attention", mutates_args=())
-    def mixed_attention_op(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor],
-                           pk: Optional[Tensor], pv: Optional[Tensor],
-                           remote_k: Optional[Tensor], remote_v: Optional[Tensor],
-                           causal: bool = False, q_pos: Optional[Tensor] = None,
-                           kv_pos: Optional[Tensor] = None,
-                           remote_pos: Optional[Tensor] = None,
-                           scale: Optional[float] = None,
-                           remote_path: str = "auto") -> Tuple[Tensor, Tensor]:
-        return mixed_attention_triton(q, k, v, codes, pk, pv, remote_k, remote_v, causal,
-                                      q_pos, kv_pos, remote_pos, scale, remote_path)
-
-    @_triton_op("astra_triton::merge_attention", mutates_args=())
-    def merge_attention_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
-                           lse_b: Tensor) -> Tuple[Tensor, Tensor]:
-        return merge_attention_triton(out_a, lse_a, out_b, lse_b)
-else:
-    mixed_attention_op = mixed_attention_triton
-    merge_attention_op = merge_attention_triton
+mixed_attention_op = register_op("mixed_attention", mixed_attention_triton,
+                                 extra_args="str remote_path='auto'")
+merge_attention_op = register_op("merge_attention", merge_attention_triton)

@@ -18,30 +18,20 @@ written per group and summed over groups by the launcher (deterministic, no atom
 """
 from __future__ import annotations
 
-import os
-from typing import Tuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# ASTRA_TRITON_AUTOTUNE=0 keeps only the first config (fast compiles for tests).
-_AUTOTUNE = os.environ.get("ASTRA_TRITON_AUTOTUNE", "1") != "0"
-_INTERP: tl.constexpr = tl.constexpr(_INTERPRET)
+from ._common import autotune_configs, dot16, launcher, register_op
 
 
 def _configs(precision: str):
-    if _INTERPRET:  # the interpreter cannot time anything: one config, no tuning
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     if precision == "bf16":  # tensor cores (wgmma on sm_90, mma.sync on sm_80)
         shapes = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3))
     else:  # exact fp32: FMA dots, smaller tiles keep them out of local memory
         shapes = ((64, 64, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3))
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bk, w, st in shapes]
-    return cfgs if _AUTOTUNE else cfgs[:1]
+    return autotune_configs(("BLOCK_M", "BLOCK_K"), shapes, interpret_shape=(32, 32))
 
 
 @triton.jit
@@ -56,10 +46,7 @@ def _vq_operand(t, PREC_BF16: tl.constexpr):
 @triton.jit
 def _vq_dot(a, b, acc, PREC_BF16: tl.constexpr):
     if PREC_BF16:
-        if _INTERP:  # the interpreter's dot multiplies bf16 bits as integers: widen (exact)
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
+        return dot16(a, b, acc)
     else:
         return tl.dot(a, b, acc, input_precision="ieee")  # exact fp32, no TF32
 
@@ -137,34 +124,6 @@ def _vq_encode_kernel(x_ptr, cb_ptr, cn_ptr, codes_ptr, err_ptr,
         tl.store(err_ptr + out_off, err, mask=m_mask)
 
 
-def _tracing(t: Tensor) -> bool:
-    """True while torch traces (dynamo, make_fx, fake or functional tensors)."""
-    if type(t) is not torch.Tensor:  # FakeTensor, FunctionalTensor, ...
-        return True
-    if torch._C._len_torch_dispatch_stack() > 0:  # a TorchDispatchMode is active
-        return True
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
-
-
-def _wrap(kernel, probe: Tensor):
-    """``wrap_triton(kernel)`` while torch traces, so torch.compile sees the launch;
-    the plain kernel otherwise. In eager, ``wrap_triton``'s higher-order-op path costs
-    far more host time than the kernels themselves (the triton_op body launches plain
-    kernels anyway), and an interpreted kernel or an old torch cannot be wrapped."""
-    if not _tracing(probe):
-        return kernel
-    if _INTERPRET:
-        raise RuntimeError("astra_triton ops cannot be traced (torch.compile, make_fx, fake "
-                           "tensors) under TRITON_INTERPRET=1: the interpreter runs eagerly "
-                           "only; trace the astra:: ops instead")
-    try:
-        from torch.library import wrap_triton
-    except ImportError:
-        return kernel
-    return wrap_triton(kernel)
-
-
 # One jit kernel, tuned separately per precision (their best tiles differ a lot).
 _KEY = ["K", "DG", "BLOCK_D"]
 _vq_encode_bf16_tuned = triton.autotune(configs=_configs("bf16"), key=_KEY)(_vq_encode_kernel)
@@ -181,12 +140,12 @@ def vq_block_d(dg: int, precision: str) -> int:
 
 
 def vq_encode_triton(x: Tensor, codebooks: Tensor, precision: str = "fp32",
-                     return_error: bool = False) -> Tuple[Tensor, Tensor]:
+                     return_error: bool = False) -> tuple[Tensor, Tensor]:
     """Launcher. ``x [M, D]`` contiguous fp32/fp16/bf16, ``codebooks [G, K, D/G]``
     contiguous fp32 -> ``(codes int32 [M, G], err fp32 [M] or (0,))``."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    M, D = x.shape
+    M, _ = x.shape
     G, K, DG = codebooks.shape
     codes = torch.empty((M, G), dtype=torch.int32, device=x.device)
     err_g = torch.empty((M, G) if return_error else (1,), dtype=torch.float32, device=x.device)
@@ -205,7 +164,7 @@ def vq_encode_triton(x: Tensor, codebooks: Tensor, precision: str = "fp32",
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), G)
 
-        _wrap(kernel, x)[grid](
+        launcher(kernel, x)[grid](
             x, codebooks, cn, codes, err_g, M, K, DG, G,
             BLOCK_D=block_d, X_RESIDENT=block_d >= DG, PREC_BF16=bf16,
             RETURN_ERR=bool(return_error), ERR_D=16)
@@ -214,15 +173,4 @@ def vq_encode_triton(x: Tensor, codebooks: Tensor, precision: str = "fp32",
     return codes, torch.empty((0,), dtype=torch.float32, device=x.device)
 
 
-try:
-    from torch.library import triton_op as _triton_op
-except ImportError:  # torch < 2.6: no triton_op; IMPLS uses the plain launcher
-    _triton_op = None
-
-if _triton_op is not None:
-    @_triton_op("astra_triton::vq_encode", mutates_args=())
-    def vq_encode_op(x: Tensor, codebooks: Tensor, precision: str = "fp32",
-                     return_error: bool = False) -> Tuple[Tensor, Tensor]:
-        return vq_encode_triton(x, codebooks, precision, return_error)
-else:
-    vq_encode_op = vq_encode_triton
+vq_encode_op = register_op("vq_encode", vq_encode_triton)

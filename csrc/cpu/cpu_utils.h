@@ -1,9 +1,9 @@
 // Helpers shared by the CPU kernels (private to csrc/cpu): dtype conversion of
 // rows to fp32 and back, and the fp32 tile GEMM every kernel is built on.
 //
-// tile_gemm is ATen's cpublas::brgemm (oneDNN micro-kernel, ~peak FMA rate on
-// one core for 64x64x64 tiles). Builds against a torch without the fp32 brgemm,
-// or with -DASTRA_NO_BRGEMM, get a plain Vectorized loop instead: correct, slower.
+// tile_gemm is ATen's cpublas::brgemm (oneDNN's micro-kernel for small tiles).
+// Builds against a torch without the fp32 brgemm, or with -DASTRA_NO_BRGEMM, get a
+// plain Vectorized loop instead: correct, slower.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -36,8 +36,7 @@
 //   blocks outside, row blocks inside, so 6 codewords stay in L1 while the x tile
 //   (400 KB at D=768) streams from L2. Without AVX512-BF16, precision="bf16"
 //   rounds x and the codebooks to bf16 and runs the fp32 kernel (bf16 products are
-//   exact in fp32, only the accumulation rounds). This machine (AMD EPYC, checked with
-//   /proc/cpuinfo) has no AMX, so there is no AMX tile path: it could not be tested.
+//   exact in fp32, only the accumulation rounds). There is no AMX tile path.
 //
 // Codebook cache: what a codebook needs besides its values (fp32: squared norms and
 // the largest norm per group; bf16: the rounded, norm-augmented bf16 rows) is built

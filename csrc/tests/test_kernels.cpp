@@ -2,12 +2,22 @@
 // torch.ops.astra_C.* does, against naive loops written here. Run by ctest.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "astra_op_schemas.h"  // generated from astra_kernels/ops.py (CMakeLists.txt)
 
 #include <cmath>
 #include <cstdio>
 #include <limits>
 #include <string>
 #include <vector>
+
+// The kernel library registers kernels only; in Python, astra_kernels.ops gives them
+// their schemas. Here the same schemas come from the generated header. Defining them
+// also checks every kernel's C++ signature against its schema.
+TORCH_LIBRARY_FRAGMENT(astra_C, m) {
+  for (const char* schema : astra::kOpSchemas) m.def(schema);
+}
 
 namespace {
 
