@@ -9,7 +9,8 @@ import json
 
 import torch
 
-from astra.bench import e2e
+from astra import catalog
+from astra.catalog import factories
 from astra.parallel.links import LinkModel
 from astra.parallel.runner import Job, ModelSpec, launch, summarize
 
@@ -22,13 +23,13 @@ def main():
     ap.add_argument("--bandwidth", type=float, default=10.0)
     a = ap.parse_args()
     Ts = [int(t) for t in a.tokens.split(",")]
-    spec = ModelSpec(e2e.gpt2_small, dict(positions=max(Ts)))
+    spec = ModelSpec(factories.gpt2_small, dict(positions=max(Ts)))
     model = spec.build()
     gen = torch.Generator().manual_seed(0)
     inputs = {T: torch.randint(0, 50257, (1, T), generator=gen) for T in Ts}
     with torch.no_grad():
         calib = torch.randint(0, 50257, (5, 256), generator=torch.Generator().manual_seed(1))
-        cbs = e2e.quick_codebooks(model, calib)  # k-means on 1280 rows (K=1024)
+        cbs = catalog.quick_codebooks(model, calib)  # k-means on 1280 rows (K=1024)
     del model
     lk = LinkModel(a.bandwidth, 0.5)
     rows = []

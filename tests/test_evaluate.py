@@ -53,7 +53,7 @@ def test_bits_per_token(kw, bits):
 
 
 def test_stage_lists_on_the_command_line():
-    from astra.evaluate import _sizes
+    from astra.cli._args import sizes as _sizes
     assert _sizes("16") == (16,) and _sizes("4096,16") == (4096, 16)
     assert _sizes("256x3,16") == (256, 256, 256, 16) and _sizes("") == ()
 
@@ -192,7 +192,7 @@ def test_calibrate_caches_by_method(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- astra eval
 
 def _eval(tmp_path, *extra):
-    from astra.evaluate import run_cli
+    from astra.cli.eval import run_cli
     out = tmp_path / "r.json"
     rc = run_cli(["--model", "minilm", "--devices", "4", "--groups", "2",
                "--codebook-size", "16", "--limit", "1", "--calib-limit", "2", "--iters", "3",
@@ -228,7 +228,9 @@ def test_astra_eval_method_options(tmp_path, monkeypatch):
 
 def test_eval_is_registered_with_the_cli():
     import astra.cli
-    assert "astra.evaluate" in astra.cli.SUBCOMMAND_MODULES
+    import astra.cli.eval
+    args = astra.cli.build_parser().parse_args(["eval", "--model", "bert"])
+    assert args.command == "eval" and args.func is astra.cli.eval.main
 
 
 def test_eval_unknown_model():

@@ -1,18 +1,16 @@
 """astra.finetune: the training-time quantizer (STE, NAQ noise, commitment, EMA,
 re-seeding), determinism, resuming, checkpoints, and that fine-tuning helps."""
 import dataclasses
-import math
 
 import pytest
 import torch
-from torch import nn
 
 import astra
 from astra import AstraAttention, Codebooks
 from astra.attention import chunk_layout
+from astra.checkpoint import load_checkpoint
 from astra.finetune import (ClassificationObjective, FinetuneConfig, HiddenObjective,
-                            LMObjective, NoiseAugmentedQuantizer, finetune, load_checkpoint,
-                            objective_for)
+                            LMObjective, NoiseAugmentedQuantizer, finetune, objective_for)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -381,9 +379,9 @@ def test_per_layer_residual_budgets_train_and_keep_their_shape():
 
 
 def test_layer_residual_argument():
-    from astra.evaluate import layer_stages_arg
+    from astra.cli._args import layer_stages_arg
     assert layer_stages_arg(["-1:4096,4096", "0:16"]) == ((-1, (4096, 4096)), (0, (16,)))
     assert layer_stages_arg(["2:256x3"]) == ((2, (256, 256, 256)),)
     for bad in ("-1", "x:16", "1:a"):
-        with pytest.raises(SystemExit, match="LAYER:K2"):
+        with pytest.raises(ValueError, match="LAYER:K2"):
             layer_stages_arg([bad])

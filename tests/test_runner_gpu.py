@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from astra.bench import e2e
+from astra import catalog
+from astra.catalog import factories
 from astra.parallel.runner import Job, ModelSpec, RunnerError, launch
 from tests._util import HAS_CUDA, requires_cuda
 from tests.test_runner import G, K, _reference
@@ -22,7 +23,7 @@ def _case(factory, world, x):
     spec = ModelSpec(factory)
     model = spec.build()
     with torch.no_grad():
-        cb = e2e.quick_codebooks(model, x, G=G, K=K)
+        cb = catalog.quick_codebooks(model, x, G=G, K=K)
     ref, sim = _reference(model, x, cb, world)
     jobs = [Job("astra", x, codebooks=cb, name="astra"), Job("sp", x, name="sp"),
             Job("tp", x, name="tp"), Job("single", x, name="single")]
@@ -32,9 +33,9 @@ def _case(factory, world, x):
 
 @requires_cuda
 @pytest.mark.parametrize("factory,world,x", [
-    (e2e.tiny_gpt2, 2, torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(0))),
-    (e2e.tiny_bert, 3, torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))),
-    (e2e.tiny_hf_vit, 3, torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))),
+    (factories.tiny_gpt2, 2, torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(0))),
+    (factories.tiny_bert, 3, torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))),
+    (factories.tiny_hf_vit, 3, torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))),
 ], ids=["gpt2-N2", "bert-N3", "hfvit-N3"])
 def test_gpu_ranks_equal_the_cpu_simulation(factory, world, x):
     ref, sim, res = _case(factory, world, x)
@@ -49,7 +50,7 @@ def test_gpu_ranks_equal_the_cpu_simulation(factory, world, x):
 def test_cuda_ranks_without_cuda_fail_clearly():
     x = torch.randint(0, 97, (1, 12))
     with pytest.raises(RunnerError, match="no CUDA device"):
-        launch(ModelSpec(e2e.tiny_gpt2), [Job("single", x)], 2, device="cuda",
+        launch(ModelSpec(factories.tiny_gpt2), [Job("single", x)], 2, device="cuda",
                startup_timeout_s=60)
 
 

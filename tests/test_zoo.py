@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from astra import data, zoo
+from astra.cache import cache_dir
 
 TINY_VIT = dict(hidden=16, layers=1, heads=2, mlp=16, epochs=1, batch=512)
 TINY_GPT = dict(embd=16, layers=1, heads=2, ctx=32, steps=3, batch=2)
@@ -14,7 +15,7 @@ TINY_GPT = dict(embd=16, layers=1, heads=2, ctx=32, steps=3, batch=2)
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ASTRA_CACHE", str(tmp_path))
-    assert zoo.cache_dir() == tmp_path
+    assert cache_dir() == tmp_path
 
 
 def test_digits_vit_trains_once_then_loads(tmp_path, monkeypatch):

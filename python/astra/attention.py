@@ -40,10 +40,8 @@ the one class token is an ordinary token of chunk 0 (encoded and sent like the o
 """
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import (Callable, List, NamedTuple, Optional, Protocol, Sequence, Tuple,
+                    runtime_checkable)
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +49,11 @@ from torch import Tensor, nn
 
 import astra_kernels
 
-__all__ = ["AstraAttention", "Communicator", "ChunkLayout", "chunk_layout"]
+from .layout import ChunkLayout, chunk_layout, key_padding, mask_bias
+from .remote import CodeSource, KVSource, RemoteSource, chunk_kernel
+
+__all__ = ["AstraAttention", "Communicator", "ChunkLayout", "chunk_layout", "ProjectedTables",
+           "KernelTables"]
 
 # Projected tables pk/pv (2·G·K·Hkv·d elements) are built and cached per layer when
 # they fit this budget; larger ones are not built: the kernel path then gets remote
@@ -77,134 +79,21 @@ class Communicator(Protocol):
     def exchange(self, layer_idx: int, local: Tensor) -> List[Tensor]: ...
 
 
-# ----------------------------------------------------------------------------- layout
+# ------------------------------------------------------------------------- tables
 
-@dataclass(frozen=True)
-class ChunkLayout:
-    """Which simulated device owns each token of the sequence the layers see.
+class ProjectedTables(NamedTuple):
+    """Each codeword through W_k / W_v: ``pk, pv [G, K, Hkv, d]`` (biases in group 0)."""
 
-    ``length`` tokens; the first ``copies`` are class-token copies (copy n belongs to
-    device n), the rest are split contiguously. ``orig_index[t]`` is the token's index
-    in the original sequence (copies map to 0), used for masks and causal positions.
-    """
-
-    devices: int
-    length: int
-    copies: int
-    owner: Tensor        # [length] long
-    is_copy: Tensor      # [length] bool
-    orig_index: Tensor   # [length] long
-    local_idx: Tuple[Tensor, ...]   # per device: its tokens (copy first), ascending
-    remote_idx: Tuple[Tensor, ...]  # per device: other devices' non-copy tokens
-
-    @property
-    def orig_length(self) -> int:
-        return self.length - max(self.copies - 1, 0)
-
-    def same_device(self) -> Tensor:
-        """``[length, length]`` bool: query and key on the same device."""
-        return self.owner.unsqueeze(1) == self.owner.unsqueeze(0)
+    pk: Tensor
+    pv: Tensor
 
 
-@functools.lru_cache(maxsize=128)
-def _layout(orig_len: int, devices: int, cls_copies: bool, device: str) -> ChunkLayout:
-    content_start = 1 if cls_copies else 0
-    n_content = orig_len - content_start
-    if devices < 1:
-        raise ValueError(f"devices must be >= 1, got {devices}")
-    if n_content < devices:
-        what = (f"{orig_len} tokens, {n_content} besides the class token" if cls_copies
-                else f"{orig_len} tokens")
-        raise ValueError(f"devices={devices} is larger than the sequence ({what}): every "
-                         "device needs at least one token")
-    copies = devices if cls_copies else 0
-    length = copies + n_content
-    chunks = torch.tensor_split(torch.arange(n_content), devices)
-    owner = torch.empty(length, dtype=torch.long)
-    owner[:copies] = torch.arange(copies)
-    orig = torch.empty(length, dtype=torch.long)
-    orig[:copies] = 0
-    orig[copies:] = torch.arange(n_content) + content_start
-    local, content = [], []
-    for n, c in enumerate(chunks):
-        idx = c + copies
-        owner[idx] = n
-        content.append(idx)
-        local.append(torch.cat([torch.tensor([n]), idx]) if copies else idx)
-    remote = [torch.cat([content[m] for m in range(devices) if m != n])
-              if devices > 1 else torch.empty(0, dtype=torch.long) for n in range(devices)]
-    is_copy = torch.zeros(length, dtype=torch.bool)
-    is_copy[:copies] = True
-    dev = torch.device(device)
-    return ChunkLayout(devices, length, copies, owner.to(dev), is_copy.to(dev), orig.to(dev),
-                       tuple(t.to(dev) for t in local), tuple(t.to(dev) for t in remote))
+class KernelTables(NamedTuple):
+    """The tables the kernels gather from and the code columns they read (None: all)."""
 
-
-def chunk_layout(orig_len: int, devices: int, cls_copies: bool = False,
-                 device="cpu") -> ChunkLayout:
-    """The :class:`ChunkLayout` of an ``orig_len``-token sequence over ``devices``.
-
-    Raises ``ValueError`` when a device would get no token.
-    """
-    return _layout(int(orig_len), int(devices), bool(cls_copies), str(torch.device(device)))
-
-
-# ------------------------------------------------------------------------------ masks
-
-def _mask_bias(mask: Optional[Tensor], dtype: torch.dtype,
-               layout: Optional[ChunkLayout]) -> Optional[Tensor]:
-    """An HF/timm attention mask as an additive 4-D bias ``[B|1, H|1, Tq, Tk]``.
-
-    Bool masks (True = attend) become 0 / dtype-min; float masks are additive already.
-    Dims of the original sequence length are re-indexed for class-token copies.
-    """
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-        bias = bias.masked_fill(~mask, torch.finfo(dtype).min)
-    else:
-        bias = mask.to(dtype)
-    while bias.dim() < 4:
-        bias = bias.unsqueeze(0)
-    if layout is not None and layout.copies > 1:
-        T0 = layout.orig_length
-        for dim in (-2, -1):
-            if bias.shape[dim] == T0:
-                bias = bias.index_select(dim, layout.orig_index)
-    return bias
-
-
-def _key_padding(bias: Optional[Tensor], causal: bool, qpos: Tensor,
-                 kpos: Tensor) -> Tuple[bool, Optional[Tensor]]:
-    """Split an additive bias into a key-padding mask (what the kernel can express).
-
-    Returns ``(ok, valid [B, Tk] bool or None)``; ``ok`` is False when the bias says
-    more than "these keys are padding" (+ causal): the caller then uses the torch path.
-    """
-    if bias is None:
-        return True, None
-    lo = torch.finfo(bias.dtype).min / 2
-    allowed = bias > lo
-    if not bool(((bias == 0) | ~allowed).all()):
-        return False, None  # a real additive bias (ALiBi-like): not a padding mask
-    if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
-        return False, None
-    allowed = allowed[:, 0]  # [B|1, Tq|1, Tk]
-    B, Tq, Tk = allowed.shape
-    if Tq != qpos.numel() and Tq != 1:
-        return False, None
-    valid = allowed[:, -1, :] if causal else allowed.all(dim=1)
-    if Tq > 1:
-        same = allowed == valid.unsqueeze(1)
-        if causal:  # the module masks later keys itself: only the lower triangle counts
-            same = same | (kpos.unsqueeze(0) > qpos.unsqueeze(1)).unsqueeze(0)
-        # Rows of padding queries may be anything (HF may unmask them): check real rows.
-        if Tq == Tk:
-            same = same | ~valid.unsqueeze(-1)
-        if not bool(same.all()):
-            return False, None
-    return True, (None if bool(valid.all()) else valid)
+    cols: Optional[List[int]]
+    pk: Tensor
+    pv: Tensor
 
 
 # --------------------------------------------------------------------------- helpers
@@ -353,7 +242,7 @@ class AstraAttention(nn.Module):
             return xq.sum(-2).to(dtype)
         return xq.reshape(*codes.shape[:-1], G * dg).to(dtype)
 
-    def projected_tables(self) -> Optional[Tuple[Tensor, Tensor]]:
+    def projected_tables(self) -> Optional[ProjectedTables]:
         """``(pk, pv) [G, K, Hkv, d]``: codeword g of the codebook through the matching
         rows of W_k / W_v, biases folded into group 0; cached until the weights or the
         codebook change. None when there is no codebook, the key map is not affine
@@ -384,11 +273,11 @@ class AstraAttention(nn.Module):
                 if b is not None:
                     t[0] += b.float()
                 tabs.append(t.reshape(G, K, self.num_kv_heads, self.head_dim).to(W.dtype))
-        self._tables, self._tables_key = (tabs[0], tabs[1]), key
+        self._tables, self._tables_key = ProjectedTables(tabs[0], tabs[1]), key
         self._folded = None
         return self._tables
 
-    def kernel_tables(self) -> Optional[Tuple[Optional[List[int]], Tensor, Tensor]]:
+    def kernel_tables(self) -> Optional[KernelTables]:
         """``(cols, pk, pv)`` for the kernels: :meth:`projected_tables` with every
         residual stage of size 1 folded into stage 0's table (its code is always 0, so
         its row is a constant offset), ``cols`` the code columns that remain (None: all).
@@ -398,7 +287,7 @@ class AstraAttention(nn.Module):
         tabs = self.projected_tables()
         st = self.stage_sizes
         if tabs is None or st is None or all(k > 1 for k in st[1:]):
-            return None if tabs is None else (None, tabs[0], tabs[1])
+            return None if tabs is None else KernelTables(None, tabs.pk, tabs.pv)
         if self._folded is None:
             cols = [0] + [i for i in range(1, len(st)) if st[i] > 1]
             fixed = [i for i in range(1, len(st)) if st[i] == 1]
@@ -407,17 +296,17 @@ class AstraAttention(nn.Module):
                 f = t[cols].float()
                 f[0] += t[fixed, 0].float().sum(0)
                 out.append(f.to(t.dtype))
-            self._folded = (cols, out[0], out[1])
+            self._folded = KernelTables(cols, out[0], out[1])
         return self._folded
 
-    def _code_source(self, codes: Tensor, dtype: torch.dtype) -> Optional[tuple]:
-        """``("codes", codes, pk, pv)`` for the kernels (the code columns that
-        :meth:`kernel_tables` keeps), or None without tables."""
+    def _code_source(self, codes: Tensor, dtype: torch.dtype) -> Optional[CodeSource]:
+        """``codes`` for the kernels (the columns that :meth:`kernel_tables` keeps) with
+        their tables, or None without tables."""
         kt = self.kernel_tables()
         if kt is None:
             return None
-        cols, pk, pv = kt
-        return ("codes", codes if cols is None else codes[..., cols], pk.to(dtype), pv.to(dtype))
+        return CodeSource(codes if kt.cols is None else codes[..., kt.cols],
+                          kt.pk.to(dtype), kt.pv.to(dtype))
 
     # ----------------------------------------------------------------- forward
     def attend(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None,
@@ -431,12 +320,12 @@ class AstraAttention(nn.Module):
         if self.communicator is not None:
             return self._attend_distributed(x, mask, cache, causal)
         layout = self._layout(x)
-        bias = _mask_bias(mask, x.dtype, layout)
+        bias = mask_bias(mask, x.dtype, layout)
         q, k, v = self.project_qkv(x)
         self._update_cache(cache, k, v)
         if self._kernel_ok(x):
             pos = layout.orig_index
-            ok, valid = _key_padding(bias, causal, pos, pos)
+            ok, valid = key_padding(bias, causal, pos, pos)
             if ok:
                 return self._simulate_kernel(x, q, k, v, layout, valid, causal)
         return self._simulate_torch(x, q, k, v, layout, bias, causal)
@@ -516,9 +405,9 @@ class AstraAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, T, H * d)
 
     # -- simulate, kernels ---------------------------------------------------------------
-    def _remote_source(self, x: Tensor):
-        """What the kernels get for remote tokens: ``("codes", codes, pk, pv)`` or
-        ``("kv", k̂, v̂)`` materialized for all tokens."""
+    def _remote_source(self, x: Tensor) -> Optional[RemoteSource]:
+        """What the kernels get for the tokens of ``x`` as remote tokens: their codes, or
+        ``k̂, v̂`` projected from ``X̂`` where there are no tables (None: no codebook)."""
         if self.codebook is None:
             return None
         codes = self.encode(x)
@@ -526,7 +415,7 @@ class AstraAttention(nn.Module):
         if src is not None:
             return src
         kq, vq = self.project_kv(self.dequantize(codes, x.dtype))
-        return ("kv", kq, vq)
+        return KVSource(kq, vq)
 
     def _simulate_kernel(self, x, q, k, v, layout: ChunkLayout, valid, causal) -> Tensor:
         B, H, T, d = q.shape
@@ -536,17 +425,15 @@ class AstraAttention(nn.Module):
         for n in range(layout.devices):
             li, ri = layout.local_idx[n], layout.remote_idx[n]
             if src is None and layout.devices > 1:
-                remote = ("kv", k[:, :, ri], v[:, :, ri])  # no codebook: exact remote
+                remote = KVSource(k, v).take(ri)  # no codebook: exact remote
             elif src is None:
                 remote = None
-            elif src[0] == "codes":
-                remote = ("codes", src[1][:, ri], src[2], src[3])
             else:
-                remote = ("kv", src[1][:, :, ri], src[2][:, :, ri])
-            o = _chunk_kernel(q[:, :, li], k[:, :, li], v[:, :, li], remote,
-                              None if valid is None else valid[:, li],
-                              None if valid is None else valid[:, ri],
-                              causal, pos[li], pos[ri], self.scale)
+                remote = src.take(ri)
+            o = chunk_kernel(q[:, :, li], k[:, :, li], v[:, :, li], remote,
+                             None if valid is None else valid[:, li],
+                             None if valid is None else valid[:, ri],
+                             causal, pos[li], pos[ri], self.scale)
             out[:, :, li] = o
         return out.transpose(1, 2).reshape(B, T, H * d)
 
@@ -555,9 +442,9 @@ class AstraAttention(nn.Module):
         comm = self.communicator
         B, Tn, _ = x.shape
         r, W = int(comm.rank), int(comm.world_size)
-        bias = _mask_bias(mask, x.dtype, None)
+        bias = mask_bias(mask, x.dtype, None)
         lpos = torch.arange(Tn, device=x.device)
-        ok, valid = _key_padding(bias, causal, lpos, lpos)
+        ok, valid = key_padding(bias, causal, lpos, lpos)
         first = 1 if self.distributed_cls else 0  # the local class-token copy stays here
         if Tn - first < 1:
             raise ValueError(f"rank {r} got no tokens to attend with")
@@ -597,8 +484,8 @@ class AstraAttention(nn.Module):
                       if self.codebook is not None else None)
             if remote is None:
                 kr, vr = self.project_kv(xr)
-                remote = ("kv", kr, vr)
-            o = _chunk_kernel(q, k, v, remote, valid, rvalid, causal, qpos, rpos, self.scale)
+                remote = KVSource(kr, vr)
+            o = chunk_kernel(q, k, v, remote, valid, rvalid, causal, qpos, rpos, self.scale)
         else:
             kr, vr = self.project_kv(xr)
             o = self._chunk_torch(q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos)
@@ -635,9 +522,9 @@ class AstraAttention(nn.Module):
             extra.update(q_pos=qpos, kv_pos=qpos[:0], remote_pos=rpos)
         k0, v0 = k[:, :, :0], v[:, :, :0]
         if self.codebook is not None:
-            _, codes, pk, pv = self._code_source(remote, x.dtype)
+            src = self._code_source(remote, x.dtype)
             o_rem, lse_rem = astra_kernels.mixed_attention(
-                q, k0, v0, codes.contiguous(), pk, pv, **extra)
+                q, k0, v0, src.codes.contiguous(), src.pk, src.pv, **extra)
         else:
             kr, vr = self.project_kv(remote.to(x.dtype))
             o_rem, lse_rem = astra_kernels.mixed_attention(q, k0, v0, remote_k=kr,
@@ -667,46 +554,3 @@ class AstraAttention(nn.Module):
         if self.training and self.attn_dropout_p > 0:
             p = F.dropout(p, self.attn_dropout_p, training=True)
         return torch.matmul(p, vals)
-
-
-def _chunk_kernel(q, k, v, remote, lvalid, rvalid, causal, qpos, rpos, scale) -> Tensor:
-    """One chunk through :func:`astra_kernels.mixed_attention`; ``[B, H, Tq, d]``.
-
-    ``remote`` is None, ``("codes", codes [B,Tr,G], pk, pv)`` or ``("kv", k, v)``.
-    Padding: padded remote tokens get code -1 (or are dropped); local key padding has
-    no kernel argument, so a batch row with padded local keys runs alone with those
-    keys dropped.
-    """
-    kw = dict(causal=causal, scale=scale)
-
-    def call(qb, kb, vb, rem, kvpos, rp):
-        extra = dict(kw)
-        if causal:
-            extra.update(q_pos=qpos, kv_pos=kvpos, remote_pos=rp)
-        if rem is None:
-            return astra_kernels.mixed_attention(qb, kb, vb, **extra)[0]
-        if rem[0] == "codes":
-            return astra_kernels.mixed_attention(qb, kb, vb, rem[1], rem[2], rem[3], **extra)[0]
-        return astra_kernels.mixed_attention(qb, kb, vb, remote_k=rem[1], remote_v=rem[2],
-                                             **extra)[0]
-
-    if remote is not None and rvalid is not None and remote[0] == "codes":
-        remote = ("codes", remote[1].masked_fill(~rvalid.unsqueeze(-1), -1)) + remote[2:]
-        rvalid_kv = None
-    else:
-        rvalid_kv = rvalid
-    if (lvalid is None or bool(lvalid.all())) and (rvalid_kv is None or bool(rvalid_kv.all())):
-        return call(q, k, v, remote, qpos, rpos)
-    outs = []
-    for b in range(q.shape[0]):
-        lv = lvalid[b] if lvalid is not None else slice(None)
-        rem, rp = None, rpos
-        if remote is not None:
-            if remote[0] == "codes":
-                rem = ("codes", remote[1][b:b + 1], remote[2], remote[3])
-            else:
-                rv = rvalid_kv[b] if rvalid_kv is not None else slice(None)
-                rem = ("kv", remote[1][b:b + 1, :, rv], remote[2][b:b + 1, :, rv])
-                rp = rpos[rv]
-        outs.append(call(q[b:b + 1], k[b:b + 1, :, lv], v[b:b + 1, :, lv], rem, qpos[lv], rp))
-    return torch.cat(outs, dim=0)

@@ -13,13 +13,12 @@ All methods leave the model's weights untouched (plug-and-play):
   calibration inputs. The codes are re-chosen (nearest codeword) at every step.
 
 :func:`calibrate` runs a :class:`Method` and caches the result under
-:func:`astra.zoo.cache_dir`, keyed by model identity, method, seed and data.
+:func:`astra.cache.cache_dir`, keyed by model identity, method, seed and data.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .codebooks import Codebooks, collect_activations
+from .kmeans import INITS
 
 __all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "distill", "cache_path"]
 
@@ -73,6 +73,8 @@ class Method:
             raise ValueError(f"residual stages need groups=1 (got groups={self.groups})")
         if self.groups < 1 or self.codebook_size < 1 or any(k < 1 for k in self.stages):
             raise ValueError(f"bad method {self}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
     @property
     def name(self) -> str:
@@ -274,8 +276,8 @@ def _cos_loss(out: Tensor, ref: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 def cache_path(model: nn.Module, method: Method, data_key: str, devices: int):
     """Where :func:`calibrate` caches the codebooks of this model/method/data."""
+    from .cache import cache_path as artefact_path
     from .models import resolve
-    from .zoo import cache_dir
     ident = resolve(model)[1].identity(model)
     spec = dataclasses.asdict(method)
     if not method.distill_steps:  # distillation settings do not change plain k-means
@@ -284,8 +286,7 @@ def cache_path(model: nn.Module, method: Method, data_key: str, devices: int):
     spec = dict(spec, model=ident["model"], name=ident["name"],
                 config_hash=ident["config_hash"], data=data_key,
                 devices=devices if method.distill_steps else None)
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return cache_dir() / "codebooks" / f"{method.name.replace('+', '-')}-{h}.safetensors"
+    return artefact_path("codebooks", method.name.replace("+", "-"), spec, suffix=".safetensors")
 
 
 def data_key(batches: Sequence) -> str:

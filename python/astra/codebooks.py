@@ -1,8 +1,13 @@
-"""Per-layer, per-group VQ codebooks: fitting (k-means), files, calibration.
+"""Per-layer VQ codebooks (grouped or residual): fitting, files, calibration inputs.
 
-A :class:`Codebooks` holds one tensor ``[L, G, K, D/G]``: for layer l, group g (dims
-``g*D/G ... (g+1)*D/G - 1`` of the attention input X), K codewords. A token of layer l
-is sent as G codes of ``ceil(log2 K)`` bits.
+A :class:`Codebooks` holds one tensor, of one of two kinds (:attr:`Codebooks.kind`):
+
+- ``"grouped"`` ``[L, G, K, D/G]``: for layer l, group g (dims ``g*D/G ... (g+1)*D/G - 1``
+  of the attention input X), K codewords. A token of layer l is sent as G codes of
+  ``ceil(log2 K)`` bits.
+- ``"residual"`` ``[L, S, Kmax, D]``: S full-width stages; stage s (its first
+  ``stages(l)[s]`` rows) quantizes what the stages before it left, ``X̂`` is the sum of
+  the S chosen rows. A token is S codes, ``sum_s ceil(log2 K_s)`` bits.
 
 The projected tables ``pk, pv [G, K, Hkv, d]`` (codebook group g through the matching
 rows of W_k / W_v, bias folded into group 0) depend on the model's weights; they are
@@ -25,29 +30,32 @@ from torch import Tensor, nn
 
 import astra_kernels
 
+from .kmeans import INITS, kmeans
+
 __all__ = ["Codebooks", "collect_activations"]
 
 FORMAT = "astra-codebooks/1"
-INITS = ("k-means++", "sampled", "random")
 _INT_FIELDS = ("num_layers", "dim", "groups", "codebook_size")
 # Checked in this order; the first mismatches are the most telling.
 _CHECK_ORDER = ("model", "num_layers", "dim", "groups", "codebook_size", "config_hash")
 
 
 def _astra_version() -> str:
-    from . import __version__
-    return __version__
+    return astra_kernels.__version__  # astra.__version__ is the kernels' version
 
 
 class Codebooks:
-    """Codebooks of every layer: ``tensor [L, G, K, D/G]`` float32 plus identity metadata.
+    """Codebooks of every layer: one float32 tensor plus identity metadata.
 
     Args:
-        tensor: ``[L, G, K, D/G]``.
+        tensor: grouped ``[L, G, K, D/G]``, or residual ``[L, S, Kmax, D]`` with
+            ``stage_sizes`` (see the module docstring).
         model: the model family the codebooks were fitted on (``"hf:bert"`` ...), as
             given by :func:`astra.models.resolve`; ``""`` if unknown.
         name: the model's name (informational, not checked).
         config_hash: architecture hash of the model (see :mod:`astra.models`).
+        stage_sizes: residual codebooks: the S stage sizes, one tuple for all layers or
+            one per layer (None: grouped). A stage of size 1 costs no bits.
     """
 
     def __init__(self, tensor: Tensor, *, model: str = "", name: str = "",
@@ -61,10 +69,8 @@ class Codebooks:
         if not tensor.is_floating_point():
             raise TypeError(f"codebooks tensor must be float, got {tensor.dtype}")
         self.tensor = tensor.detach().float().contiguous()
-        # Residual codebooks: tensor [L, S, Kmax, D]; stage s uses its first
-        # stage_sizes[s] rows and quantizes what the stages before it left. Per layer
-        # (a sequence of L tuples) when layers get different budgets; a stage of size 1
-        # costs no bits (its one codeword is a fixed offset).
+        # Residual: stage s uses its first stage_sizes[s] rows (the rest is padding); a
+        # stage of size 1 costs no bits (its one codeword is a fixed offset).
         self._stages: Optional[List[Tuple[int, ...]]] = None
         self.stage_sizes: Union[Tuple[int, ...], Tuple[Tuple[int, ...], ...], None] = None
         if stage_sizes is not None:
@@ -91,7 +97,25 @@ class Codebooks:
         return self.tensor.shape[0]
 
     @property
+    def kind(self) -> str:
+        """``"grouped"`` (G groups of D/G dims) or ``"residual"`` (S full-width stages)."""
+        return "grouped" if self._stages is None else "residual"
+
+    @property
+    def num_stages(self) -> Optional[int]:
+        """S, the stages of residual codebooks; None for grouped codebooks."""
+        return None if self._stages is None else self.tensor.shape[1]
+
+    @property
     def groups(self) -> int:
+        """G of grouped codebooks. The tensor's second axis, so for residual codebooks it
+        is the number of stages S (the file field ``groups`` and older callers read it
+        so); new code should use :attr:`num_stages` or :attr:`codes_per_token`."""
+        return self.tensor.shape[1]
+
+    @property
+    def codes_per_token(self) -> int:
+        """Codes one token is sent as per layer: G (grouped) or S (residual)."""
         return self.tensor.shape[1]
 
     @property
@@ -100,9 +124,9 @@ class Codebooks:
 
     @property
     def dim(self) -> int:
-        if self.stage_sizes is not None:
+        if self.kind == "residual":
             return self.tensor.shape[3]
-        return self.tensor.shape[1] * self.tensor.shape[3]
+        return self.groups * self.tensor.shape[3]
 
     def stages(self, layer: int) -> Optional[Tuple[int, ...]]:
         """Layer ``layer``'s residual stage sizes, None for grouped codebooks."""
@@ -132,7 +156,7 @@ class Codebooks:
 
     def __repr__(self) -> str:
         st = "" if self.stage_sizes is None else f", stages={self.stage_sizes}"
-        return (f"Codebooks(layers={self.num_layers}, D={self.dim}, G={self.groups}, "
+        return (f"Codebooks(layers={self.num_layers}, D={self.dim}, G={self.codes_per_token}, "
                 f"K={self.codebook_size}{st}, model={self.model!r}, name={self.name!r})")
 
     def to(self, device) -> "Codebooks":
@@ -161,7 +185,7 @@ class Codebooks:
         """Codes ``int32 [..., G]`` (residual: ``[..., S]``) of ``x [..., D]`` in layer
         ``layer``'s codebooks."""
         cb = self.tensor[layer].to(x.device)
-        if self._stages is None:
+        if self.kind == "grouped":
             return astra_kernels.vq_encode(x, cb)
         r, codes = x.float(), []
         for s, k in enumerate(self.stages(layer)):
@@ -175,14 +199,14 @@ class Codebooks:
         cb = self.tensor[layer].to(codes.device)
         G = cb.shape[0]
         xq = cb[torch.arange(G, device=cb.device), codes.long()]
-        if self._stages is not None:
+        if self.kind == "residual":
             return xq.sum(-2)
         return xq.reshape(*codes.shape[:-1], self.dim)
 
     def error(self, layer: int, x: Tensor) -> float:
         """Mean squared quantization error (summed over D) of ``x [..., D]``."""
         x = x.reshape(-1, x.shape[-1]).float()
-        if self._stages is not None:
+        if self.kind == "residual":
             err = ((x - self.decode(layer, self.encode(layer, x))) ** 2).sum(-1)
             return float(err.double().mean())
         _, err = astra_kernels.vq_encode(x, self.tensor[layer].to(x.device), return_error=True)
@@ -222,13 +246,14 @@ class Codebooks:
                 continue
             if want != got:
                 msg = f"{f}: {source} have {got!r}, expected {want!r}"
-                if f == "dim" and want.isdigit() and int(want) % self.groups:
+                if (f == "dim" and self.kind == "grouped" and want.isdigit()
+                        and int(want) % self.groups):
                     msg += f" (G={self.groups} groups do not divide the width D={want})"
                 diffs.append(msg)
         if diffs:
             hint = ""
             if any(d.startswith(("model", "config_hash")) for d in diffs):
-                hint = (f" (the codebooks were fitted on another model"
+                hint = (" (the codebooks were fitted on another model"
                         + (f": {self.name!r}" if self.name else "") + ")")
             raise ValueError(f"{source} do not match the model{hint}: " + "; ".join(diffs))
 
@@ -337,109 +362,13 @@ class Codebooks:
                 if max_points is not None and x.shape[0] > max_points:
                     x = x[torch.randperm(x.shape[0], generator=gen)[:max_points].to(x.device)]
                 bar.set_postfix(layer=li)
-                C, h, r = _kmeans(x, groups, codebook_size, iters, gen, init, bar)
+                C, h, r = kmeans(x, groups, codebook_size, iters, gen, init, bar)
                 out.append(C)
                 hist.append(h)
                 reseeded.append(r)
         cb = cls(torch.stack(out).cpu(), **ident)
         cb.history, cb.reseeded = hist, reseeded
         return cb
-
-
-def _kmeans(x: Tensor, G: int, K: int, iters: int, gen: torch.Generator, init: str, bar):
-    """k-means of every group of ``x [M, D]`` at once -> ``([G, K, D/G], history, reseeded)``."""
-    M, D = x.shape
-    dg = D // G
-    xg = x.reshape(M, G, dg)
-    if init == "k-means++":
-        C = _init_kmeanspp(xg, K, gen)
-    elif init == "sampled":
-        C = _init_kmeanspp(xg, K, gen, rounds=32)
-    else:
-        C = _init_random(xg, K, gen)
-    garange = torch.arange(G, device=x.device)
-    codes, err = astra_kernels.vq_encode(x, C, return_error=True)
-    history = [float(err.double().mean())]
-    bar.update(1)
-    reseeded = 0
-    for _ in range(iters):
-        flat = (codes.long() + garange * K).reshape(-1)  # [M*G] cluster ids, group-major
-        counts = torch.bincount(flat, minlength=G * K).reshape(G, K)
-        sums = torch.zeros(G * K, dg, dtype=torch.float64, device=x.device)
-        sums.index_add_(0, flat, xg.reshape(M * G, dg).double())
-        sums = sums.reshape(G, K, dg)
-        newC = torch.where(counts.unsqueeze(-1) > 0,
-                           sums / counts.clamp_min(1).unsqueeze(-1), C.double()).float()
-        empty = counts == 0
-        if bool(empty.any()):
-            # Per-group error of each point under the current assignment.
-            gerr = ((xg - C[garange, codes.long()]) ** 2).sum(-1)  # [M, G]
-            for g in torch.nonzero(empty.any(1)).flatten().tolist():
-                ks = torch.nonzero(empty[g]).flatten()
-                take = min(len(ks), M)
-                # Stable descending sort: ties go to the lowest point index.
-                order = torch.sort(gerr[:, g], descending=True, stable=True).indices[:take]
-                newC[g, ks[:take]] = xg[order, g]
-                reseeded += take
-        C = newC
-        new_codes, err = astra_kernels.vq_encode(x, C, return_error=True)
-        history.append(float(err.double().mean()))
-        bar.update(1)
-        changed = not torch.equal(new_codes, codes)
-        codes = new_codes
-        if not changed and not bool(empty.any()):
-            bar.update(iters + 1 - len(history))
-            break
-    return C, history, reseeded
-
-
-def _init_random(xg: Tensor, K: int, gen: torch.Generator) -> Tensor:
-    M, G, dg = xg.shape
-    C = torch.empty(G, K, dg, dtype=xg.dtype, device=xg.device)
-    for g in range(G):
-        idx = torch.randperm(M, generator=gen)[:K]
-        if len(idx) < K:  # fewer points than codewords: repeat (they stay duplicates)
-            idx = idx[torch.arange(K) % len(idx)]
-        C[g] = xg[idx.to(xg.device), g]
-    return C
-
-
-def _init_kmeanspp(xg: Tensor, K: int, gen: torch.Generator,
-                   rounds: Optional[int] = None) -> Tensor:
-    """D²-sampling for every group at once, on at most ``max(8K, 4096)`` points.
-
-    ``rounds``: None = one codeword per step (k-means++); else ``rounds`` steps that
-    each draw ``ceil((K-1)/rounds)`` codewords (without replacement) from the same D²
-    distribution, updating the distances once per step."""
-    M, G, dg = xg.shape
-    cap = max(8 * K, 4096)
-    if M > cap:
-        xg = xg[torch.randperm(M, generator=gen)[:cap].to(xg.device)]
-        M = cap
-    garange = torch.arange(G, device=xg.device)
-    C = torch.empty(G, K, dg, dtype=xg.dtype, device=xg.device)
-    first = torch.randint(M, (G,), generator=gen).to(xg.device)
-    C[:, 0] = xg[first, garange]
-    d2 = ((xg - C[:, 0].unsqueeze(0)) ** 2).sum(-1).double()  # [M, G]
-    step = 1 if rounds is None else max(1, math.ceil((K - 1) / rounds))
-    j = 1
-    while j < K:
-        n = min(step, K - j)
-        w = d2.t().clone()  # [G, M]
-        # Too few points with weight left (several already codewords): sample uniformly.
-        dead = (w > 0).sum(1) < n
-        w[dead] = 1.0
-        pick = torch.multinomial(w.cpu(), n, replacement=n > M,
-                                 generator=gen).to(xg.device)  # [G, n]
-        new = xg[pick, garange.unsqueeze(1)]  # [G, n, dg]
-        C[:, j:j + n] = new
-        if n == 1:
-            d2 = torch.minimum(d2, ((xg - new[:, 0].unsqueeze(0)) ** 2).sum(-1).double())
-        else:
-            dist = torch.cdist(xg.transpose(0, 1), new) ** 2  # [G, M, n]
-            d2 = torch.minimum(d2, dist.min(-1).values.t().double())
-        j += n
-    return C
 
 
 # ---------------------------------------------------------------------- calibration

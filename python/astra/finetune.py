@@ -22,33 +22,36 @@ differentiable torch path) so that it behaves like the unpatched model:
   group g (residual codebooks: over all dims), λ = ``noise``. Never at inference: the
   quantizer acts only while the module is in training mode.
 
-Checkpoints (a folder): ``model.safetensors`` (the weights), ``codebooks.safetensors``
-(the :class:`~astra.Codebooks` format), ``trainer.pt`` (optimizer, schedule, random
-states, step, history) and ``config.json``; resuming gives the same result as an
-uninterrupted run (tested). :func:`load_checkpoint` puts a fine-tuned model back.
+Checkpoints (a folder, :mod:`astra.checkpoint`) hold the weights, the codebooks and the
+trainer's state; resuming gives the same result as an uninterrupted run (tested).
+:func:`astra.checkpoint.load_checkpoint` puts a fine-tuned model back. The objectives
+(what is run and scored) are in :mod:`astra.objectives`.
 
-``astra finetune`` runs it on the project's models (``digits-vit``, ``byte-gpt2``,
-``minilm``) from k-means codebooks, and prints the metric before and after.
+``astra finetune`` (:mod:`astra.cli.finetune`) runs it on the project's models
+(``digits-vit``, ``byte-gpt2``, ``minilm``) from k-means codebooks, and prints the metric
+before and after.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AstraAttention, ChunkLayout
+from .checkpoint import check_resume, load_checkpoint, load_training_state, save_training_state
 from .codebooks import Codebooks
+from .objectives import (ClassificationObjective, HiddenObjective, LMObjective, Objective,
+                         objective_for)
+from .plots import plot_history
 
 __all__ = ["FinetuneConfig", "NoiseAugmentedQuantizer", "Objective", "ClassificationObjective",
            "LMObjective", "HiddenObjective", "FinetuneResult", "finetune", "load_checkpoint",
@@ -235,92 +238,6 @@ class NoiseAugmentedQuantizer:
         return st
 
 
-# ------------------------------------------------------------------------------ objectives
-
-def _kl(student: Tensor, teacher: Tensor, T: float) -> Tensor:
-    s = F.log_softmax(student.float() / T, dim=-1)
-    t = F.log_softmax(teacher.float() / T, dim=-1)
-    return F.kl_div(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]),
-                    log_target=True, reduction="batchmean") * (T * T)
-
-
-class Objective:
-    """How a model is run and scored while fine-tuning.
-
-    ``forward(model, batch)`` returns the output compared with the teacher's;
-    ``task_loss(out, batch)`` is None when the batch has no labels;
-    ``distill_loss(out, teacher_out, batch, temperature)``.
-    """
-
-    name = "objective"
-
-    def forward(self, model: nn.Module, batch) -> Tensor:
-        raise NotImplementedError
-
-    def task_loss(self, out: Tensor, batch) -> Optional[Tensor]:
-        return None
-
-    def distill_loss(self, out: Tensor, ref: Tensor, batch, temperature: float) -> Tensor:
-        raise NotImplementedError
-
-
-class ClassificationObjective(Objective):
-    """Image classifiers (``pixel_values``, optional ``labels``): cross-entropy + KL."""
-
-    name = "classification"
-
-    def forward(self, model, batch):
-        return model(pixel_values=batch["pixel_values"]).logits
-
-    def task_loss(self, out, batch):
-        y = batch.get("labels")
-        return None if y is None else F.cross_entropy(out.float(), y)
-
-    def distill_loss(self, out, ref, batch, temperature):
-        return _kl(out, ref, temperature)
-
-
-class LMObjective(Objective):
-    """Causal LMs (``input_ids``): next-token cross-entropy + per-token KL."""
-
-    name = "lm"
-
-    def forward(self, model, batch):
-        return model(input_ids=batch["input_ids"]).logits
-
-    def task_loss(self, out, batch):
-        ids = batch["input_ids"]
-        lg = out[:, :-1].float()
-        return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1))
-
-    def distill_loss(self, out, ref, batch, temperature):
-        return _kl(out, ref, temperature)
-
-
-class HiddenObjective(Objective):
-    """Encoders (``input_ids``, ``attention_mask``): ``1 - cos`` of the last hidden
-    states per token and of their mean-pooled embeddings (no task loss)."""
-
-    name = "hidden"
-
-    def forward(self, model, batch):
-        base = getattr(model, getattr(model, "base_model_prefix", ""), model)
-        return base(**batch).last_hidden_state
-
-    def distill_loss(self, out, ref, batch, temperature):
-        from .calibrate import _cos_loss
-        return _cos_loss(out, ref, batch.get("attention_mask"))
-
-
-def objective_for(model: nn.Module) -> Objective:
-    """The built-in objective of a model: classification heads, LM heads, else hidden."""
-    if hasattr(model, "classifier") and hasattr(getattr(model, "config", None), "num_labels"):
-        return ClassificationObjective()
-    if hasattr(model, "lm_head"):
-        return LMObjective()
-    return HiddenObjective()
-
-
 # ------------------------------------------------------------------------------ training
 
 @dataclass
@@ -391,7 +308,7 @@ class _Trainer:
                              "or use codebook_update='grad'")
         self.opt = torch.optim.AdamW(groups)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(cfg))
-        G, K = cb.tensor.shape[1], cb.tensor.shape[2]
+        G, K = cb.codes_per_token, cb.codebook_size
         self.usage = torch.zeros(len(self.attns), G, K, dtype=torch.float64)
         self.ema_n = torch.ones(len(self.attns), G, K, dtype=torch.float64)
         self.ema_m = cb.tensor.double().cpu().clone()
@@ -548,31 +465,15 @@ class _Trainer:
 
     # -------------------------------------------------------------- files
     def save(self, out_dir: Path) -> None:
-        from safetensors.torch import save_model
-        out_dir.mkdir(parents=True, exist_ok=True)
-        pid = os.getpid()
-        tmp = out_dir / f"model.tmp{pid}"
-        # the patched model's state_dict has the original keys (codebooks are buffers
-        # that are not saved); save_model handles tied weights (GPT-2's LM head)
-        save_model(self.model, os.fspath(tmp))
-        os.replace(tmp, out_dir / "model.safetensors")
-        tmp = out_dir / f"codebooks.tmp{pid}"
-        self.codebooks().save(tmp)
-        os.replace(tmp, out_dir / "codebooks.safetensors")
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
-        tmp = out_dir / f"trainer.tmp{pid}"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, out_dir / "trainer.pt")
+        save_training_state(out_dir, self.model, self.codebooks(),
+                            dataclasses.asdict(self.cfg), self.state())
 
     def load(self, out_dir: Path) -> None:
-        from safetensors.torch import load_model
-        load_model(self.model, os.fspath(out_dir / "model.safetensors"))
-        cb = Codebooks.load(out_dir / "codebooks.safetensors",
-                            expect={"num_layers": len(self.attns)})
+        cb, state = load_training_state(out_dir, self.model, len(self.attns))
         with torch.no_grad():
             for i, a in enumerate(self.attns):
                 a.codebook.copy_(cb.layer(i).to(a.codebook.device))
-        self.load_state(torch.load(out_dir / "trainer.pt", weights_only=False))
+        self.load_state(state)
 
 
 def finetune(model: nn.Module, codebooks: Codebooks, batches: Sequence,
@@ -604,15 +505,7 @@ def finetune(model: nn.Module, codebooks: Codebooks, batches: Sequence,
     objective = objective or objective_for(model)
     out = Path(out_dir) if out_dir is not None else None
     if resume:
-        if out is None or not (out / "trainer.pt").exists():
-            raise FileNotFoundError(f"resume=True but there is no checkpoint in {out_dir}")
-        saved = json.loads((out / "config.json").read_text())
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
-                 for k, v in dataclasses.asdict(config).items()
-                 if k != "steps" and saved.get(k) != v]
-        if diffs:
-            raise ValueError("resume: the config differs from the checkpoint's: "
-                             + "; ".join(diffs))
+        check_resume(out_dir, dataclasses.asdict(config))
     t0 = time.perf_counter()
     tr = _Trainer(model, codebooks, batches, objective, config)
     try:
@@ -640,195 +533,3 @@ def finetune(model: nn.Module, codebooks: Codebooks, batches: Sequence,
         model.eval()
     cb.reseeded = list(tr.reseeded)
     return FinetuneResult(model, cb, tr.history, time.perf_counter() - t0)
-
-
-def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> Codebooks:
-    """Load a :func:`finetune` checkpoint folder into ``model`` (unpatched) and return its
-    codebooks (checked against the model): ``astra.patch(model, cb, devices=N)``."""
-    from safetensors.torch import load_model
-    path = Path(path)
-    for name in ("model.safetensors", "codebooks.safetensors"):
-        if not (path / name).exists():
-            raise FileNotFoundError(f"{path} is not a finetune checkpoint: no {name}")
-    cb = Codebooks.load(path / "codebooks.safetensors", expect=model)
-    missing, unexpected = load_model(model, os.fspath(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}/model.safetensors does not fit the model: missing "
-                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    return cb
-
-
-def plot_history(history: List[Dict[str, float]], path: Union[str, os.PathLike]) -> None:
-    """The loss curves (total, task, distillation, auxiliary) per step, log y axis: each
-    step faint, its exponential moving average (0.9) solid."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    if not history:
-        return
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "task", "distill", "aux"):
-        ys = [max(h[key], 1e-12) for h in history]
-        if any(y > 1e-12 for y in ys):
-            smooth, acc = [], ys[0]
-            for y in ys:  # exponential moving average: one batch per step is noisy
-                acc = 0.9 * acc + 0.1 * y
-                smooth.append(acc)
-            line, = ax.plot(steps, smooth, label=key)
-            ax.plot(steps, ys, color=line.get_color(), alpha=0.2, lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("astra finetune")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------ tasks, CLI
-
-MODELS = ("digits-vit", "byte-gpt2", "minilm")
-# Per model: defaults that work (digits/byte models were trained here at lr ~2e-3).
-MODEL_DEFAULTS = {"digits-vit": dict(lr=3e-4, steps=200),
-                  "byte-gpt2": dict(lr=3e-4, steps=300),
-                  "minilm": dict(lr=5e-5, steps=300)}
-
-
-def study_task(name: str, progress: bool = True):
-    """``(task, train_batches)`` for one of :data:`MODELS`: the :class:`astra.evaluate.Task`
-    (evaluation inputs, metric) and the training batches (with labels where the task has
-    them): digits train split + labels, the calibration byte windows, MiniLM's
-    calibration windows."""
-    from . import zoo
-    from .evaluate import load_task
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; finetune knows {', '.join(MODELS)}")
-    # train (first use) or load the project's models here, so that `progress` is obeyed
-    if name == "digits-vit":
-        zoo.digits_vit(progress=progress)
-    elif name == "byte-gpt2":
-        zoo.byte_gpt2(progress=progress)
-    if name == "digits-vit":
-        from . import data
-        task = load_task(name)
-        x, y, _, _ = data.digits(seed=0)
-        b = 64
-        train = [{"pixel_values": x[i:i + b], "labels": y[i:i + b]} for i in range(0, len(y), b)]
-        return task, train
-    if name == "byte-gpt2":
-        task = load_task(name, calib_limit=1024)
-        return task, list(task.calib)
-    task = load_task(name)
-    return task, list(task.calib)
-
-
-@torch.no_grad()
-def measure(task, model: nn.Module, codebooks: Optional[Codebooks], devices: int,
-            ref: Sequence[Tensor], distributed_cls: Optional[bool] = None) -> Dict[str, float]:
-    """The task metric and the feature cosines (``emb_cos_mean``...) against ``ref`` (the
-    single-device model's features on ``task.evals``) of ``model`` patched with
-    ``codebooks`` for ``devices`` (``codebooks=None``: the model alone)."""
-    from .evaluate import compare
-    from .patch import patch, unpatch
-    model.eval()
-    if codebooks is not None:
-        patch(model, codebooks, devices=devices, distributed_cls=distributed_cls)
-    try:
-        res = compare(task, lambda b: task.forward(model, b), ref)
-        if task.metric is not None:
-            res.update(task.metric(model))
-    finally:
-        if codebooks is not None:
-            unpatch(model)
-    return res
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "finetune", help="fine-tune a model for N devices (STE, NAQ noise, distillation)",
-        description="Fine-tune one of the project's models for N simulated devices from "
-        "k-means codebooks and print its quality before and after.")
-    p.add_argument("--model", default="digits-vit", choices=MODELS)
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--groups", type=int, default=1, help="G groups per token")
-    p.add_argument("--codebook-size", type=int, default=1024, help="K codewords per group")
-    from .evaluate import _sizes
-    p.add_argument("--residual", type=_sizes, default=(), metavar="K2[,K3..]",
-                   help="residual stages after the first (G must be 1), e.g. 64: 10+6 bits")
-    p.add_argument("--layer-residual", action="append", default=[], metavar="L:K2[,K3..]",
-                   help="layer L (negative: from the end) gets these residual stages instead "
-                   "of --residual's; repeatable (e.g. -1:4096,4096: more bits in the last layer)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: per model)")
-    p.add_argument("--lr", type=float, help="weights' learning rate (default: per model)")
-    p.add_argument("--codebook-lr", type=float, default=FinetuneConfig.codebook_lr)
-    p.add_argument("--noise", type=float, default=FinetuneConfig.noise, help="NAQ strength λ")
-    p.add_argument("--commitment", type=float, default=FinetuneConfig.commitment, help="β")
-    p.add_argument("--codebook-update", choices=UPDATES, default=FinetuneConfig.codebook_update)
-    p.add_argument("--batch-size", type=int, default=1, help="batches per step")
-    p.add_argument("--no-distributed-cls", action="store_true",
-                   help="one class token on device 0 instead of one copy per device")
-    p.add_argument("--codebooks-only", action="store_true", help="freeze the weights")
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", metavar="DIR", help="checkpoint folder (default: "
-                   "<cache>/finetune/<model>-N<devices>-G<groups>-K<K>-s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--json", metavar="PATH", help="write the before/after row as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    import sys
-    from .calibrate import Method, calibrate
-    from .zoo import cache_dir
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-    d = MODEL_DEFAULTS[args.model]
-    cfg = FinetuneConfig(
-        devices=args.devices, steps=args.steps or d["steps"], lr=args.lr or d["lr"],
-        codebook_lr=args.codebook_lr, noise=args.noise, commitment=args.commitment,
-        codebook_update=args.codebook_update, batch_size=args.batch_size,
-        distributed_cls=False if args.no_distributed_cls else None,
-        train_weights=not args.codebooks_only, seed=args.seed, save_every=args.save_every)
-    from .evaluate import layer_stages_arg
-    layer_stages = layer_stages_arg(args.layer_residual)
-    res_tag = "".join(f"+{k}" for k in args.residual) + "".join(
-        f"-L{li}" + "".join(f"+{k}" for k in ks) for li, ks in layer_stages)
-    out = Path(args.out) if args.out else cache_dir() / "finetune" / (
-        f"{args.model}-N{args.devices}-G{args.groups}-K{args.codebook_size}{res_tag}"
-        f"-s{args.seed}")
-    task, train = study_task(args.model, progress=not args.quiet)
-    model = task.model
-    method = Method(groups=args.groups, codebook_size=args.codebook_size,
-                    stages=args.residual, layer_stages=layer_stages, seed=args.seed)
-    cb = calibrate(model, task.calib, method, devices=args.devices, progress=not args.quiet,
-                   log=log)
-    with torch.no_grad():
-        ref = [task.forward(model, b).float() for b in task.evals]
-    single = measure(task, model, None, args.devices, ref)
-    before = measure(task, model, cb, args.devices, ref, cfg.distributed_cls)
-    log(f"{args.model}: fine-tuning {cfg.steps} steps, N={cfg.devices}, G={args.groups} "
-        f"K={args.codebook_size} ({cb.bits_per_token} bits/token), λ={cfg.noise}, "
-        f"β={cfg.commitment}, {len(train)} training batches -> {out}")
-    res = finetune(model, cb, train, config=cfg, out_dir=out, resume=args.resume,
-                   progress=not args.quiet)
-    after = measure(task, model, res.codebooks, args.devices, ref, cfg.distributed_cls)
-    keys = [k for k in after if k in ("top1", "perplexity")] + ["emb_cos_mean", "tok_cos_mean"]
-    print(f"{args.model}  N={cfg.devices}  {method.describe()}  "
-          f"{cb.bits_per_token} bits/token  {cfg.steps} steps in {res.seconds:.0f} s")
-    print(f"  {'':<14}{'single':>10}{'post-train':>12}{'finetuned':>12}")
-    for k in keys:
-        print(f"  {k:<14}{single.get(k, float('nan')):>10.4f}{before[k]:>12.4f}{after[k]:>12.4f}")
-    print(f"  checkpoint {out} (loss curve {out / 'loss.png'})")
-    if args.json:
-        row = {"model": args.model, "devices": cfg.devices, "groups": args.groups,
-               "codebook_size": args.codebook_size, "stages": list(args.residual),
-               "layer_stages": [[li, list(ks)] for li, ks in layer_stages],
-               "bits_per_token": cb.bits_per_token, "config": dataclasses.asdict(cfg),
-               "single": single, "post_training": before, "finetuned": after,
-               "seconds": res.seconds, "checkpoint": str(out)}
-        Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
-    return 0

@@ -1,7 +1,7 @@
 """The project's own small models, trained here on data that ships offline.
 
 No pretrained ViT or GPT-2 weights can be downloaded on these machines, so accuracy
-is measured on two small models that Astra trains itself (seeded, minutes on 2 cores,
+is measured on two small models that Astra trains itself (seeded, minutes on a CPU,
 weights cached outside the repository in ``$ASTRA_CACHE`` or ``~/.cache/astra``):
 
 - :func:`digits_vit`: an HF ``ViTForImageClassification`` on sklearn's 8x8 digits,
@@ -11,26 +11,19 @@ weights cached outside the repository in ``$ASTRA_CACHE`` or ``~/.cache/astra``)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from . import data
-
-
-def cache_dir() -> Path:
-    """Where trained weights and codebooks are cached (``$ASTRA_CACHE`` or ``~/.cache/astra``)."""
-    return Path(os.environ.get("ASTRA_CACHE", Path.home() / ".cache" / "astra"))
+from .cache import cache_path, write_atomic
 
 
 def _key(name: str, spec: dict) -> Path:
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{name}-{h}"
+    return cache_path("models", name, spec, digits=12)
 
 
 def _cached(name: str, spec: dict, build: Callable, train: Callable, retrain: bool):
@@ -43,10 +36,8 @@ def _cached(name: str, spec: dict, build: Callable, train: Callable, retrain: bo
         load_model(model, weights)
     else:
         train(model)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = weights.with_suffix(f".tmp{os.getpid()}")  # a crash never leaves half a file
-        save_model(model, os.fspath(tmp), metadata={"spec": json.dumps(spec, sort_keys=True)})
-        os.replace(tmp, weights)
+        write_atomic(weights, lambda tmp: save_model(
+            model, tmp, metadata={"spec": json.dumps(spec, sort_keys=True)}))
     return model.eval()
 
 

@@ -25,7 +25,6 @@ Tables (mean ± spread over seeds) go to ``<out>/accuracy.md`` and the plot to
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -37,8 +36,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..catalog.tasks import STUDY_MODELS
+
 GRID = ((1, 1024), (16, 1024), (32, 1024))
-MODELS = ("digits-vit", "minilm", "byte-gpt2")
+MODELS = STUDY_MODELS
 METRICS = {"digits-vit": ("top1", "nll"), "minilm": ("emb_cos_mean",),
            "byte-gpt2": ("perplexity",)}
 LAMBDAS = (0.0, 0.1, 0.3, 1.0)
@@ -65,7 +66,7 @@ class Study:
     # ------------------------------------------------------------ plumbing
     def task(self, name: str):
         if name not in self._tasks:
-            from ..finetune import study_task
+            from ..catalog.tasks import study_task
             task, train = study_task(name, progress=self.progress)
             with torch.no_grad():
                 ref = [task.forward(task.model, b).float() for b in task.evals]
@@ -92,7 +93,7 @@ class Study:
             f"{m}={values[m]:.4f}" for m in METRICS[model]))
 
     def measure(self, name, codebooks, devices, distributed_cls=None) -> Dict[str, float]:
-        from ..finetune import measure
+        from ..evaluate import measure
         task, _, ref, _ = self.task(name)
         res = measure(task, task.model, codebooks, devices, ref, distributed_cls)
         if name == "digits-vit":
@@ -110,7 +111,8 @@ class Study:
                          progress=self.progress, log=lambda s: None)
 
     def config(self, name, seed, **kw):
-        from ..finetune import MODEL_DEFAULTS, FinetuneConfig
+        from ..catalog.tasks import MODEL_DEFAULTS
+        from ..finetune import FinetuneConfig
         d = MODEL_DEFAULTS[name]
         steps = max(1, int(round(d["steps"] * self.scale)))
         cfg = FinetuneConfig(steps=steps, lr=d["lr"], seed=seed, **kw)
@@ -319,60 +321,38 @@ def plot(rows: List[Dict], path: Path) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------- the study
 
-def add_parser(bsub) -> None:
-    p = bsub.add_parser("accuracy", help="accuracy study: single vs post-training vs "
-                        "fine-tuned, and ablations (writes accuracy.json/.md/.png)")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma-separated subset of {', '.join(MODELS)}")
-    p.add_argument("--grid", default=",".join(f"{g}x{k}" for g, k in GRID),
-                   help="(G x K) cells, e.g. 1x1024,32x1024")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
-    p.add_argument("--minilm-seeds", type=int, default=1,
-                   help="seeds for minilm (each fine-tune takes minutes on a CPU)")
-    p.add_argument("--steps-scale", type=float, default=1.0,
-                   help="multiply every model's fine-tuning steps (e.g. 0.1 for a smoke run)")
-    p.add_argument("--no-ablations", action="store_true")
-    p.add_argument("--ablation-cells", default="1x1024,1x16",
-                   help="(G x K) cells of the digits-vit ablations: the paper's 10 bits and "
-                   "a harder 4 bits where post-training loses much more")
-    p.add_argument("--out", default="bench/results", metavar="DIR")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=main)
-
-
-def _cells(text: str, what: str = "--grid") -> List[Tuple[int, int]]:
+def parse_cells(text: str, what: str = "--grid") -> List[Tuple[int, int]]:
+    """``"1x1024,16x1024"`` -> ``[(1, 1024), (16, 1024)]``; ``ValueError`` otherwise."""
     try:
         cells = [tuple(int(v) for v in c.lower().split("x")) for c in text.split(",") if c]
-        assert cells and all(len(c) == 2 and c[0] >= 1 and c[1] >= 2 for c in cells)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"{what} must be GxK cells like 1x1024,16x1024, got {text!r}")
+    except ValueError:
+        cells = []
+    if not cells or not all(len(c) == 2 and c[0] >= 1 and c[1] >= 2 for c in cells):
+        raise ValueError(f"{what} must be GxK cells like 1x1024,16x1024, got {text!r}")
     return cells
 
 
-def main(args: argparse.Namespace) -> int:
-    models = [m for m in args.models.split(",") if m]
+def run_study(models: Sequence[str], grid: Sequence[Tuple[int, int]], *, seeds: int = 3,
+              minilm_seeds: int = 1, steps_scale: float = 1.0, ablations: bool = True,
+              ablation_cells: Sequence[Tuple[int, int]] = ((1, 1024), (1, 16)),
+              out: Path = Path("bench/results"), progress: bool = True,
+              log=lambda s: print(s, file=sys.stderr, flush=True)) -> str:
+    """Run (or resume) the study; write ``accuracy.{json,md,png}`` under ``out`` and
+    return the Markdown tables."""
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
-    grid = _cells(args.grid, "--grid")
-    _cells(args.ablation_cells, "--ablation-cells")
-    out = Path(args.out)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
+        raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+    out = Path(out)
     for m in models:
-        seeds = args.minilm_seeds if m == "minilm" else args.seeds
-        st = Study(out, seeds, args.steps_scale, not args.quiet, log)
+        st = Study(out, minilm_seeds if m == "minilm" else seeds, steps_scale, progress, log)
         st.grid(m, grid)
-        if m == "digits-vit" and not args.no_ablations:
-            for g, k in _cells(args.ablation_cells):
+        if m == "digits-vit" and ablations:
+            for g, k in ablation_cells:
                 st.ablations(m, g, k)
     rows = json.loads((out / "accuracy.json").read_text())
     md = tables(rows)
     (out / "accuracy.md").write_text(md + "\n")
     plot(rows, out / "accuracy.png")
-    print(md)
-    print(f"rows: {out / 'accuracy.json'}; tables: {out / 'accuracy.md'}; plot: "
-          f"{out / 'accuracy.png'} ({time.perf_counter() - t0:.0f} s)")
-    return 0
+    return md

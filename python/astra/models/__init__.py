@@ -1,11 +1,14 @@
-"""Model families Astra can patch: one small adapter module per family.
+"""Model families: one table row and one adapter module per family.
 
 One table maps a model to its adapter: HF models by ``config.model_type``, timm models
 by class (``"timm:<ClassName>"``, matched along the model's MRO, so subclasses of a
 supported timm class are found too). Adapter modules are imported lazily, so
 ``import astra`` needs neither transformers nor timm.
 
-An adapter module defines ``ADAPTER``, an :class:`Adapter` instance.
+An adapter module defines ``ADAPTER``, an :class:`Adapter` instance with both faces of
+its family: how :func:`astra.patch` swaps its attention, and how the runner stages it
+(embed a chunk, run the blocks, finish; the tensor-parallel split of a block). Adding a
+family is one row in :data:`TABLE` and one module here.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import importlib
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
 # family key -> adapter module (relative to this package)
 TABLE: Dict[str, str] = {
@@ -33,8 +36,13 @@ def supported_models() -> List[str]:
 class Adapter:
     """What :func:`astra.patch` needs to know about one model family.
 
-    Subclasses implement :meth:`layers`, :meth:`attention_slots`, :meth:`build`,
-    :meth:`dim` and :meth:`config_hash`.
+    Patch face: :meth:`layers`, :meth:`attention_slots`, :meth:`build`, :meth:`dim`,
+    :meth:`config_hash` (HF families get most of it from
+    :class:`astra.models._hf.HFAdapter`). Runner face (:mod:`astra.parallel`):
+    :meth:`n_content`, :meth:`embed`, :meth:`tail`, :meth:`summary`,
+    :meth:`finish_compact`, :meth:`tp_spec`; every rank embeds only its own tokens (at
+    their global positions, a class-token copy first where the model has one), runs
+    every block on them and sends a summary to rank 0, which finishes.
     """
 
     family: str = ""          # identity string stored in codebook files, e.g. "hf:bert"
@@ -78,6 +86,40 @@ class Adapter:
         return {"model": self.family, "name": self.name(model),
                 "config_hash": self.config_hash(model),
                 "num_layers": len(self.layers(model)), "dim": self.dim(model)}
+
+    # ------------------------------------------------------------ the runner's stages
+
+    def n_content(self, model: nn.Module, inputs: Tensor) -> int:
+        """Tokens of ``inputs`` that ranks split among them (the class token excluded)."""
+        raise NotImplementedError(f"{self.family} has no runner stages")
+
+    def embed(self, model: nn.Module, inputs: Tensor, lo: int, hi: int, cls: bool) -> Tensor:
+        """Hidden states of content tokens ``[lo, hi)``, the class token first if ``cls``."""
+        raise NotImplementedError(f"{self.family} has no runner stages")
+
+    def run_block(self, model: nn.Module, block: nn.Module, h: Tensor) -> Tensor:
+        return block(h)
+
+    def tail(self, model: nn.Module, h: Tensor) -> Tensor:
+        """Full hidden states (class copies pooled) -> the model's output (``"full"``)."""
+        raise NotImplementedError(f"{self.family} has no runner stages")
+
+    def summary(self, model: nn.Module, h: Tensor, cls: bool) -> Tensor:
+        """What a rank sends rank 0 for the ``"compact"`` output: what an application
+        needs and no more (ViT: the class copy; BERT: the class copy and the sum of the
+        rank's token states; GPT-2: the last token)."""
+        raise NotImplementedError(f"{self.family} has no runner stages")
+
+    def finish_compact(self, model: nn.Module, summaries: List[Tensor],
+                       n_tokens: int) -> Tensor:
+        """Every rank's :meth:`summary` -> the compact output (logits, embedding)."""
+        raise NotImplementedError(f"{self.family} has no runner stages")
+
+    def tp_spec(self, model: nn.Module, block: nn.Module) -> Dict[str, Any]:
+        """The keyword arguments of :class:`astra.parallel.tp.TPBlock` for ``block``:
+        ``pre_ln, norm1, norm2, wq, wk, wv, bq, bk, bv, wo, bo, w1, b1, act, w2, b2,
+        heads, head_dim, scale, causal`` (weights ``[out, in]``)."""
+        raise NotImplementedError(f"{self.family} has no tensor-parallel split")
 
 
 def stable_hash(obj: Any) -> str:

@@ -2,24 +2,17 @@
 
 GPT-2 is pre-LN: the attention input X is ``ln_1``'s output, which is what the block
 hands to ``attn``. The fused ``c_attn`` is a ``Conv1D`` (``y = x W + b``, W ``[D, 3D]``).
+Runner stages: no class token; the compact output is the last token's logits.
 """
 from __future__ import annotations
-
-from typing import List, Tuple
 
 import torch
 from torch import nn
 
-from ..attention import AstraAttention
-from . import Adapter, hf_config_hash, hf_name
-from ._hf import base_model, first_attr, hf_mask
+from ._hf import HFAdapter, HFAstraAttention, base_model, heads
 
 
-def _heads(t: torch.Tensor, d: int) -> torch.Tensor:
-    return t.view(*t.shape[:-1], -1, d).transpose(1, 2)
-
-
-class GPT2AstraAttention(AstraAttention):
+class GPT2AstraAttention(HFAstraAttention):
     """Drop-in for ``GPT2Attention`` (self-attention): same submodules (c_attn, c_proj,
     attn_dropout, resid_dropout), same call signature, returns ``(attn_output, None)``."""
 
@@ -38,20 +31,20 @@ class GPT2AstraAttention(AstraAttention):
 
     def project_qkv(self, x):
         q, k, v = self.c_attn(x).split(self.split_size, dim=2)
-        return _heads(q, self.head_dim), _heads(k, self.head_dim), _heads(v, self.head_dim)
+        return heads(q, self.head_dim), heads(k, self.head_dim), heads(v, self.head_dim)
 
     def project_q(self, x):
         W, b = self.c_attn.weight, self.c_attn.bias
         D = self.embed_dim
-        return _heads(torch.addmm(b[:D], x.reshape(-1, x.shape[-1]), W[:, :D])
-                      .view(*x.shape[:-1], D), self.head_dim)
+        return heads(torch.addmm(b[:D], x.reshape(-1, x.shape[-1]), W[:, :D])
+                     .view(*x.shape[:-1], D), self.head_dim)
 
     def project_kv(self, x):
         W, b = self.c_attn.weight, self.c_attn.bias
         D = self.embed_dim
         kv = torch.addmm(b[D:], x.reshape(-1, x.shape[-1]), W[:, D:]).view(*x.shape[:-1], 2 * D)
         k, v = kv.split(D, dim=-1)
-        return _heads(k, self.head_dim), _heads(v, self.head_dim)
+        return heads(k, self.head_dim), heads(v, self.head_dim)
 
     def kv_affine(self):
         W, b = self.c_attn.weight, self.c_attn.bias
@@ -62,42 +55,57 @@ class GPT2AstraAttention(AstraAttention):
         return self.resid_dropout(self.c_proj(o))
 
     def forward(self, hidden_states, cache=None, attention_mask=None,
-                encoder_hidden_states=None, encoder_attention_mask=None,
-                output_attentions=False, past_key_values=None, **kwargs):
-        if encoder_hidden_states is not None:
-            raise NotImplementedError("AstraAttention replaces self-attention only")
-        cache = cache if cache is not None else past_key_values
-        o = self.attend(hidden_states, hf_mask(attention_mask), cache=cache)
-        return self.output(o, hidden_states), None
+                encoder_hidden_states=None, **kwargs):
+        # GPT2Attention's own argument order: the cache comes second
+        return super().forward(hidden_states, attention_mask, cache=cache,
+                               encoder_hidden_states=encoder_hidden_states, **kwargs)
 
 
-class GPT2Adapter(Adapter):
+class GPT2Adapter(HFAdapter):
     family = "hf:gpt2"
     causal = True
-
-    def layers(self, model) -> List[nn.Module]:
-        return list(first_attr(base_model(model), "h"))
-
-    def attention_slots(self, model) -> List[Tuple[nn.Module, str]]:
-        return [(block, "attn") for block in self.layers(model)]
+    layers_path = "h"
+    slot = "attn"
+    attention_cls = GPT2AstraAttention
 
     def check_original(self, original, layer_idx):
         if getattr(original, "is_cross_attention", False) or not hasattr(original, "c_attn"):
             raise ValueError(f"layer {layer_idx}: {type(original).__name__} is not a GPT-2 "
                              "self-attention")
 
-    def build(self, original, layer_idx, model):
-        self.check_original(original, layer_idx)
-        return GPT2AstraAttention(original, layer_idx)
+    # ---- runner stages
+    def n_content(self, model, inputs):
+        return int(inputs.shape[1])
 
-    def dim(self, model):
-        return int(base_model(model).config.hidden_size)
+    def embed(self, model, inputs, lo, hi, cls):
+        base = base_model(model)
+        ids = inputs[:, lo:hi]
+        pos = torch.arange(lo, hi, device=ids.device).unsqueeze(0)
+        return base.drop(base.wte(ids) + base.wpe(pos))
 
-    def name(self, model):
-        return hf_name(base_model(model).config)
+    def tail(self, model, h):
+        h = base_model(model).ln_f(h)
+        head = getattr(model, "lm_head", None)
+        return head(h) if head is not None else h
 
-    def config_hash(self, model):
-        return hf_config_hash(base_model(model).config)
+    def summary(self, model, h, cls):
+        return h[:, -1:]
+
+    def finish_compact(self, model, summaries, n_tokens):
+        return self.tail(model, summaries[-1])[:, 0]
+
+    def tp_spec(self, model, blk):
+        a, m = blk.attn, blk.mlp
+        D = a.embed_dim
+        W, b = a.c_attn.weight.t(), a.c_attn.bias  # Conv1D: y = x W + b
+        return dict(pre_ln=True, norm1=blk.ln_1, norm2=blk.ln_2,
+                    wq=W[:D], wk=W[D:2 * D], wv=W[2 * D:],
+                    bq=b[:D], bk=b[D:2 * D], bv=b[2 * D:],
+                    wo=a.c_proj.weight.t(), bo=a.c_proj.bias,
+                    w1=m.c_fc.weight.t(), b1=m.c_fc.bias, act=m.act,
+                    w2=m.c_proj.weight.t(), b2=m.c_proj.bias,
+                    heads=a.num_heads, head_dim=a.head_dim, scale=float(a.scaling),
+                    causal=True)
 
 
 ADAPTER = GPT2Adapter()

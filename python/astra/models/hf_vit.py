@@ -1,25 +1,18 @@
 """HF ``vit``: replaces each layer's ``attention`` (``ViTAttention``: q/k/v/o_proj).
 
 ViT is pre-LN: the attention input X is ``layernorm_before``'s output. Token 0 is the
-class token. Covers the transformers 5.x layout (``ViTModel.layers``).
+class token. Covers the transformers 5.x layout (``ViTModel.layers``). Runner stages:
+pixels in, the class token's logits out (the normalized hidden states for ``ViTModel``).
 """
 from __future__ import annotations
 
-from typing import List, Tuple
-
-import torch
 from torch import nn
 
-from ..attention import AstraAttention
-from . import Adapter, hf_config_hash, hf_name
-from ._hf import base_model, first_attr, hf_mask
+from ._hf import HFAdapter, HFAstraAttention, base_model, hf_mask, heads
+from ._vit import ClassTokenViTStages
 
 
-def _heads(t: torch.Tensor, d: int) -> torch.Tensor:
-    return t.view(*t.shape[:-1], -1, d).transpose(1, 2)
-
-
-class ViTAstraAttention(AstraAttention):
+class ViTAstraAttention(HFAstraAttention):
     """Drop-in for ``ViTAttention``: same submodules (q_proj, k_proj, v_proj, o_proj),
     same call signature, returns ``(attn_output, None)``."""
 
@@ -36,10 +29,10 @@ class ViTAstraAttention(AstraAttention):
         self.is_causal = False
 
     def project_q(self, x):
-        return _heads(self.q_proj(x), self.head_dim)
+        return heads(self.q_proj(x), self.head_dim)
 
     def project_kv(self, x):
-        return _heads(self.k_proj(x), self.head_dim), _heads(self.v_proj(x), self.head_dim)
+        return heads(self.k_proj(x), self.head_dim), heads(self.v_proj(x), self.head_dim)
 
     def kv_affine(self):
         return self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias
@@ -48,46 +41,53 @@ class ViTAstraAttention(AstraAttention):
         return self.o_proj(o)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        o = self.attend(hidden_states, hf_mask(attention_mask))
+        o = self.attend(hidden_states, hf_mask(attention_mask))  # no KV cache in a ViT
         return self.output(o, hidden_states), None
 
 
-class ViTAdapter(Adapter):
+class ViTAdapter(ClassTokenViTStages, HFAdapter):
     family = "hf:vit"
-
-    def layers(self, model) -> List[nn.Module]:
-        return list(first_attr(base_model(model), "layers"))
-
-    def attention_slots(self, model) -> List[Tuple[nn.Module, str]]:
-        return [(layer, "attention") for layer in self.layers(model)]
+    layers_path = "layers"
+    slot = "attention"
+    attention_cls = ViTAstraAttention
 
     def check_original(self, original, layer_idx):
         if not all(hasattr(original, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise ValueError(f"layer {layer_idx}: {type(original).__name__} is not the "
                              "ViTAttention of transformers 5.x")
 
-    def build(self, original, layer_idx, model):
-        self.check_original(original, layer_idx)
-        return ViTAstraAttention(original, layer_idx)
-
-    def dim(self, model):
-        return int(base_model(model).config.hidden_size)
-
     def has_cls(self, model):
         return True
 
     def seq_len(self, model):
-        cfg = base_model(model).config
+        cfg = self.config(model)
         img, patch = cfg.image_size, cfg.patch_size
         img = img if isinstance(img, (list, tuple)) else (img, img)
         patch = patch if isinstance(patch, (list, tuple)) else (patch, patch)
         return (img[0] // patch[0]) * (img[1] // patch[1]) + 1
 
-    def name(self, model):
-        return hf_name(base_model(model).config)
+    # ---- runner stages
+    def n_content(self, model, inputs):
+        return int(base_model(model).embeddings.patch_embeddings.num_patches)
 
-    def config_hash(self, model):
-        return hf_config_hash(base_model(model).config)
+    def tokens(self, model, img):
+        return base_model(model).embeddings(img)
+
+    def tail(self, model, h):
+        h = base_model(model).layernorm(h)
+        head = getattr(model, "classifier", None)
+        return head(h[:, 0]) if head is not None else h
+
+    def tp_spec(self, model, blk):
+        a, mlp = blk.attention, blk.mlp
+        return dict(pre_ln=True, norm1=blk.layernorm_before, norm2=blk.layernorm_after,
+                    wq=a.q_proj.weight, wk=a.k_proj.weight, wv=a.v_proj.weight,
+                    bq=a.q_proj.bias, bk=a.k_proj.bias, bv=a.v_proj.bias,
+                    wo=a.o_proj.weight, bo=a.o_proj.bias,
+                    w1=mlp.fc1.weight, b1=mlp.fc1.bias, act=mlp.activation_fn,
+                    w2=mlp.fc2.weight, b2=mlp.fc2.bias,
+                    heads=a.num_attention_heads, head_dim=a.head_dim,
+                    scale=float(a.scaling), causal=False)
 
 
 ADAPTER = ViTAdapter()

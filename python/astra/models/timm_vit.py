@@ -3,18 +3,20 @@
 Pre-LN: the attention input X is ``norm1``'s output. The fused ``qkv`` Linear holds
 W_q, W_k, W_v stacked by rows. Optional parts of timm's Attention are kept: q/k norm
 (then the key map is not affine, so the kernel path gets materialized remote keys
-instead of projected tables), scale norm, output gate.
+instead of projected tables), scale norm, output gate. Runner stages: the shared
+class-token ViT stages; tensor parallelism for plain blocks (no layer scale, qk norm
+or mlp norm).
 """
 from __future__ import annotations
 
 from typing import List, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AstraAttention
 from . import Adapter, stable_hash
+from ._vit import ClassTokenViTStages
 
 
 class TimmAstraAttention(AstraAttention):
@@ -70,7 +72,7 @@ class TimmAstraAttention(AstraAttention):
         return self.output(o, x)
 
 
-class TimmViTAdapter(Adapter):
+class TimmViTAdapter(ClassTokenViTStages, Adapter):
     family = "timm:VisionTransformer"
 
     def layers(self, model) -> List[nn.Module]:
@@ -110,6 +112,35 @@ class TimmViTAdapter(Adapter):
         shapes = [(n, list(p.shape)) for n, p in model.named_parameters()
                   if not n.startswith(("head.", "fc_norm."))]
         return stable_hash([type(model).__name__, shapes])
+
+    # ---- runner stages
+    def n_content(self, model, inputs):
+        return int(model.patch_embed.num_patches)
+
+    def tokens(self, model, img):
+        x = model._pos_embed(model.patch_embed(img))
+        return model.norm_pre(model.patch_drop(x))
+
+    def tail(self, model, h):
+        return model.forward_head(model.norm(h))
+
+    def tp_spec(self, model, blk):
+        a, mlp = blk.attn, blk.mlp
+        A = a.num_heads * a.head_dim
+        W, b = a.qkv.weight, a.qkv.bias
+        if not (isinstance(blk.ls1, nn.Identity) and isinstance(a.q_norm, nn.Identity)
+                and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)):
+            raise NotImplementedError("tp supports plain timm ViT blocks (no layer scale, "
+                                      "qk norm or mlp norm)")
+        return dict(pre_ln=True, norm1=blk.norm1, norm2=blk.norm2,
+                    wq=W[:A], wk=W[A:2 * A], wv=W[2 * A:],
+                    bq=None if b is None else b[:A], bk=None if b is None else b[A:2 * A],
+                    bv=None if b is None else b[2 * A:],
+                    wo=a.proj.weight, bo=a.proj.bias,
+                    w1=mlp.fc1.weight, b1=mlp.fc1.bias, act=mlp.act,
+                    w2=mlp.fc2.weight, b2=mlp.fc2.bias,
+                    heads=a.num_heads, head_dim=a.head_dim, scale=float(a.scale),
+                    causal=False)
 
 
 ADAPTER = TimmViTAdapter()

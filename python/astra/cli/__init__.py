@@ -1,0 +1,51 @@
+"""The ``astra`` command line: one module per command.
+
+Each command module (``astra.cli.<name>``) has ``register(subparsers)``, which adds its
+parser and sets ``func`` to the module's ``main(args) -> int``. Command modules import
+their heavy dependencies inside ``main``, so ``astra info`` and ``--help`` stay quick.
+
+This package is the only place that turns errors into messages and exit codes: library
+code raises ``ValueError`` / ``TypeError`` for bad input, and :func:`main` prints them as
+one line (``astra <command>: <message>``) with exit status 2. ``ASTRA_DEBUG=1`` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import List, Optional
+
+# command modules, in the order ``astra --help`` lists them
+COMMANDS = ("demo", "run", "bench", "eval", "finetune", "info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="astra", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return p
+
+
+def run_command(args: argparse.Namespace, prog: str) -> int:
+    """Run ``args.func(args)``; bad input (``ValueError``/``TypeError``) becomes one line
+    on stderr, ``prog: message``, and exit status 2."""
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError) as e:
+        if os.environ.get("ASTRA_DEBUG"):
+            raise
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = " ".join(["astra", args.command] + ([args.suite] if getattr(args, "suite", None) else []))
+    return run_command(args, prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Argument types shared by the commands: each turns a bad value into argparse's own
+one-line usage error (exit 2) before any work starts.
+
+Also the residual-stage options of ``astra eval`` and ``astra finetune``
+(:func:`add_residual_options`); ``--layer-residual`` is parsed by
+:func:`layer_stages_arg` in the command's ``main`` (``ValueError``: one line, exit 2)."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import List, Sequence, Tuple
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (0.0 <= v < 1.0):
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
+    return v
+
+
+def csv_ints(text: str) -> List[int]:
+    """``"3,5,8"`` -> ``[3, 5, 8]`` (positive integers)."""
+    return [positive_int(t.strip()) for t in text.split(",")]
+
+
+def csv_floats(text: str) -> List[float]:
+    """``"10,100"`` -> ``[10.0, 100.0]`` (positive numbers)."""
+    return [positive_float(t.strip()) for t in text.split(",")]
+
+
+def csv_choices(*choices: str):
+    """A comma-separated subset of ``choices``."""
+    def parse(text: str) -> List[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(bad) or repr(text)}: expected a comma-separated subset of "
+                f"{', '.join(choices)}")
+        return items
+    parse.__name__ = "list"
+    return parse
+
+
+# ------------------------------------------------------------- residual codebook stages
+
+LayerStages = Tuple[Tuple[int, Tuple[int, ...]], ...]
+
+
+def sizes(text: str) -> Tuple[int, ...]:
+    """``"16"``, ``"4096,16"``, ``"256x9"`` (nine stages of 256) -> a tuple of sizes."""
+    out = []
+    for part in (text or "").split(","):
+        if part.strip():
+            k, _, n = part.strip().partition("x")
+            out += [int(k)] * (int(n) if n else 1)
+    return tuple(out)
+
+
+def layer_stages(spec: str) -> Tuple[int, Tuple[int, ...]]:
+    """One ``--layer-residual``: ``"-1:4096,4096"`` -> ``(-1, (4096, 4096))``."""
+    layer, sep, rest = spec.partition(":")
+    try:
+        parsed = (int(layer), sizes(rest))
+    except ValueError as e:
+        raise ValueError(f"--layer-residual {spec!r}: expected LAYER:K2[,K3..] ({e})") from None
+    if not sep:
+        raise ValueError(f"--layer-residual {spec!r}: expected LAYER:K2[,K3..]")
+    return parsed
+
+
+def layer_stages_arg(specs: Sequence[str]) -> LayerStages:
+    """Every ``--layer-residual``: ``["-1:4096,4096", ...]`` -> ``((-1, (4096, 4096)), ...)``."""
+    return tuple(layer_stages(s) for s in specs)
+
+
+def add_residual_options(p: argparse.ArgumentParser, residual_help: str,
+                         layer_example: str) -> None:
+    """``--residual K2[,K3..]`` and ``--layer-residual L:K2[,K3..]`` (repeatable)."""
+    p.add_argument("--residual", type=sizes, default=(), metavar="K2[,K3..]",
+                   help=residual_help)
+    p.add_argument("--layer-residual", action="append", default=[], metavar="L:K2[,K3..]",
+                   help="layer L (negative: from the end) gets these residual stages instead "
+                   f"of --residual's; repeatable (e.g. {layer_example})")

@@ -1,0 +1,110 @@
+"""``astra bench kernels | e2e | accuracy``."""
+from __future__ import annotations
+
+import argparse
+
+from ._args import csv_choices, csv_floats, positive_int
+
+
+def register(sub) -> None:
+    s = sub.add_parser("bench", help="benchmarks")
+    bsub = s.add_subparsers(dest="suite", required=True)
+    k = bsub.add_parser("kernels", help="op microbenchmarks beside their anchors (faiss, SDPA, cdist)")
+    k.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    k.add_argument("--quick", action="store_true", help="shorter timing loops")
+    k.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible, else cpu")
+    k.add_argument("--cases", help="comma-separated subset of case names")
+    k.set_defaults(func=kernels_main)
+    _register_e2e(bsub)
+    _register_accuracy(bsub)
+
+
+def kernels_main(args: argparse.Namespace) -> int:
+    """Microbenchmarks: each op beside its anchors, one run, medians."""
+    from astra.bench import kernels
+    cases = args.cases.split(",") if args.cases else None
+    if cases:
+        unknown = sorted(set(cases) - set(kernels.CASE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown case(s) {unknown}; known: {', '.join(kernels.CASE_NAMES)}")
+    return kernels.main(args.device, args.json, args.quick, cases)
+
+
+def _register_e2e(bsub) -> None:
+    from astra.parallel.job import STRATEGIES
+    e = bsub.add_parser("e2e", help="end-to-end latency of single/tp/sp/astra over a link")
+    e.add_argument("--model", default="vit-base", help="vit-base | gpt2 | minilm")
+    e.add_argument("--devices", type=positive_int, default=4)
+    e.add_argument("--bandwidth", type=csv_floats, default=[10.0], help="Mbit/s, comma-separated")
+    e.add_argument("--latency-ms", type=float, default=0.5, help="one-way latency per transfer")
+    e.add_argument("--strategies", type=csv_choices(*STRATEGIES),
+                   default=["single", "tp", "sp", "astra"])
+    e.add_argument("--wire", type=csv_choices("fp32", "fp16", "int8"), default=["fp32"],
+                   help="fp32,fp16,int8 (comma-separated)")
+    e.add_argument("--link", choices=("emulated", "netns", "virtual"), default="emulated")
+    e.add_argument("--tokens", type=positive_int, default=256, help="sequence length (text models)")
+    e.add_argument("--medium", choices=("shared", "switched"), default="shared",
+                   help="shared: one channel for all transfers (Wi-Fi); switched: per-port links")
+    e.add_argument("--repeats", type=positive_int, default=3)
+    e.add_argument("--warmup", type=int, default=1)
+    e.add_argument("--json", metavar="PATH")
+    e.add_argument("--plot", metavar="PATH.png")
+    e.set_defaults(func=e2e_main)
+
+
+def e2e_main(args: argparse.Namespace) -> int:
+    import json
+
+    from astra.bench import e2e
+    from astra.catalog import get
+    get(args.model)  # an unknown model fails here, before any rank starts
+    rows = e2e.run_grid(args.model, args.devices, args.bandwidth, args.latency_ms,
+                        args.strategies, args.wire, args.link, args.tokens, args.repeats,
+                        medium=args.medium, warmup=args.warmup)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        e2e.plot(rows, args.plot)
+    return 0
+
+
+def _register_accuracy(bsub) -> None:
+    from astra.bench.accuracy import GRID, MODELS
+    p = bsub.add_parser("accuracy", help="accuracy study: single vs post-training vs "
+                        "fine-tuned, and ablations (writes accuracy.json/.md/.png)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated subset of {', '.join(MODELS)}")
+    p.add_argument("--grid", default=",".join(f"{g}x{k}" for g, k in GRID),
+                   help="(G x K) cells, e.g. 1x1024,32x1024")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds per configuration")
+    p.add_argument("--minilm-seeds", type=positive_int, default=1,
+                   help="seeds for minilm (each fine-tune takes minutes on a CPU)")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="multiply every model's fine-tuning steps (e.g. 0.1 for a smoke run)")
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--ablation-cells", default="1x1024,1x16",
+                   help="(G x K) cells of the digits-vit ablations: the paper's 10 bits and "
+                   "a harder 4 bits where post-training loses much more")
+    p.add_argument("--out", default="bench/results", metavar="DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=accuracy_main)
+
+
+def accuracy_main(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from astra.bench.accuracy import parse_cells, run_study
+    models = [m for m in args.models.split(",") if m]
+    grid = parse_cells(args.grid, "--grid")
+    cells = parse_cells(args.ablation_cells, "--ablation-cells")
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    md = run_study(models, grid, seeds=args.seeds, minilm_seeds=args.minilm_seeds,
+                   steps_scale=args.steps_scale, ablations=not args.no_ablations,
+                   ablation_cells=cells, out=out, progress=not args.quiet)
+    print(md)
+    print(f"rows: {out / 'accuracy.json'}; tables: {out / 'accuracy.md'}; plot: "
+          f"{out / 'accuracy.png'} ({time.perf_counter() - t0:.0f} s)")
+    return 0

@@ -1,0 +1,79 @@
+"""``astra run``: one model, one strategy, N local ranks on an emulated link.
+
+:func:`add_job_args` declares the options a rank needs to build the same job; the
+torchrun entry (:mod:`astra.cli.torchrun`) shares them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ._args import csv_ints, positive_float, positive_int, probability
+
+
+def add_job_args(p: argparse.ArgumentParser) -> None:
+    """What every rank needs to build the same job (``astra run`` and torchrun)."""
+    from astra.catalog import names
+    from astra.parallel.job import STRATEGIES
+    p.add_argument("--model", default="gpt2", help=" | ".join(names()))
+    p.add_argument("--strategy", default="astra", choices=STRATEGIES)
+    p.add_argument("--wire", default="fp32", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--tokens", type=positive_int, default=256, help="sequence length (text models)")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where each rank computes (cuda: rank r on GPU r %% count; the "
+                   "bytes still travel over gloo)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--codebooks", metavar="PATH",
+                   help="a saved Codebooks file (grouped or residual), checked against the "
+                   "model (default: codebooks fitted quickly on the model's activations); "
+                   "across hosts every host needs the same file")
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="an `astra finetune` checkpoint folder: its weights and codebooks")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run a model across N local processes on an emulated link")
+    p.add_argument("--devices", type=positive_int, default=2)
+    add_job_args(p)
+    p.add_argument("--chunks", type=csv_ints,
+                   help="comma-separated content tokens per rank (uneven devices)")
+    p.add_argument("--bandwidth", type=positive_float, default=10.0, help="Mbit/s")
+    p.add_argument("--latency-ms", type=float, default=0.5, help="one-way latency per transfer")
+    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--loss", type=probability, default=0.0,
+                   help="packet loss probability (codes)")
+    p.add_argument("--medium", choices=("shared", "switched"), default="shared")
+    p.add_argument("--clock", choices=("wall", "virtual"), default="wall")
+    p.set_defaults(func=main)
+
+
+def describe_codebooks(cbs) -> str:
+    """``codebooks G=1 K=1024 (10 bits/token)`` or ``... residual stages [...]``."""
+    import torch
+    if cbs is None or isinstance(cbs, torch.Tensor):
+        return ""
+    st = cbs.stage_sizes
+    kind = (f"G={cbs.groups} K={cbs.codebook_size}" if st is None
+            else f"residual stages {st}")
+    return f"codebooks {kind} ({cbs.bits_per_token} bits/token)"
+
+
+def main(args: argparse.Namespace) -> int:
+    from astra import catalog
+    from astra.parallel.links import LinkModel
+    from astra.parallel.runner import Job, check_device, launch, summarize
+    check_device(args.device, [args.clock])  # before the set-up builds anything
+    run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint)
+    link = LinkModel(args.bandwidth, args.latency_ms, medium=args.medium,
+                     jitter_ms=args.jitter_ms, loss=args.loss)
+    job = Job(args.strategy, run.inputs, wire=args.wire, codebooks=run.codebooks,
+              chunks=args.chunks, output="compact", link=link,
+              clock=args.clock, repeats=args.repeats, warmup=1)
+    res = summarize(launch(run.spec, [job], args.devices, device=args.device)[0])
+    wire = f" wire={res['wire']}" if res["strategy"] in ("sp", "tp") else ""
+    if res["strategy"] == "astra" and describe_codebooks(run.codebooks):
+        wire = f" ({describe_codebooks(run.codebooks)})"
+    print(f"{args.model} {res['strategy']}{wire} N={args.devices}: "
+          f"median {res['latency_s'] * 1e3:.1f} ms, {res['bytes_per_device']:.0f} B sent per device, "
+          f"link waits {res['wait_s'] * 1e3:.1f} ms")
+    return 0

@@ -1,0 +1,52 @@
+"""The entry each host runs under ``torchrun``: every rank builds the same job from the
+same options (those of ``astra run``, :func:`astra.cli.run.add_job_args`)::
+
+    torchrun --nnodes 2 --nproc_per_node 1 --node_rank 0 \\
+        --master_addr 10.0.0.1 --master_port 29511 \\
+        -m astra.cli.torchrun --model gpt2 --strategy astra --tokens 1024
+
+The link is real (no emulation). Rank 0 prints the median latency and its bytes sent.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from typing import List, Optional
+
+from . import run_command
+from .run import add_job_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m astra.cli.torchrun",
+                                description=__doc__.splitlines()[0])
+    add_job_args(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from astra import catalog
+    from astra.parallel.runner import Job, check_device
+    from astra.parallel.worker import run_jobs
+    check_device(args.device, ["wall"])
+    run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint)
+    job = Job(args.strategy, run.inputs, wire=args.wire, codebooks=run.codebooks,
+              output="compact", link=None, link_mode="none", repeats=args.repeats, warmup=1)
+    r = run_jobs(dict(model=run.spec, jobs=[job], threads=1, device=args.device))[0]
+    if int(os.environ["RANK"]) == 0:
+        print(f"median {statistics.median(r['times']) * 1e3:.1f} ms, "
+              f"{statistics.median(r['bytes_sent']):.0f} B sent by rank 0")
+    return 0
+
+
+def entry(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args, f"rank {os.environ.get('RANK', '?')}")
+
+
+if __name__ == "__main__":
+    from astra.parallel.worker import exit_now
+    exit_now(entry, sys.argv[1:])

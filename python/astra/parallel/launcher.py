@@ -1,0 +1,122 @@
+"""Start the ranks of a run as local processes and watch them.
+
+:func:`launch` starts ``world`` worker processes (``python -m astra.parallel.worker
+JOBFILE OUTDIR``) with the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``); for ``--link netns`` each is started inside its rank's
+network namespace. The parent watches them: when one fails the others are killed and
+:class:`~astra.parallel.job.RunnerError` carries the failing rank's log; nothing is
+left running.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from .job import Job, RunnerError, check_device
+
+__all__ = ["launch"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
+           netns=None, startup_timeout_s: float = 120.0,
+           device: str = "cpu") -> List[List[Dict[str, Any]]]:
+    """Run ``jobs`` on ``world`` fresh worker processes; returns ``results[job][rank]``.
+
+    ``model``: a :class:`~astra.catalog.ModelSpec` every rank builds.
+
+    ``device``: ``"cpu"``, or ``"cuda"`` (rank r computes on GPU ``r % count``; frames
+    still travel as host bytes over gloo: a few hundred bytes of codes per layer do
+    not need NCCL, and several ranks can share one GPU). Outputs come back on the CPU.
+
+    ``netns``: a :class:`~astra.parallel.netns.NetnsLab` (entered) to start rank r in
+    its namespace; rank 0's lab address is the rendezvous.
+    """
+    jobs = list(jobs)
+    check_device(device, [j.clock for j in jobs])
+    budget = startup_timeout_s + sum((j.warmup + j.repeats + 1) * j.timeout_s for j in jobs)
+    with tempfile.TemporaryDirectory(prefix="astra-run-") as tmp:
+        jobfile = os.path.join(tmp, "jobs.pkl")
+        with open(jobfile, "wb") as f:
+            pickle.dump(dict(model=model, jobs=jobs, threads=threads, device=device), f)
+        port = _free_port()
+        procs, logs = [], []
+        src = str(Path(__file__).resolve().parents[2])
+        try:
+            for r in range(world):
+                env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           OMP_NUM_THREADS=str(threads),
+                           ASTRA_CPU_LOCK=os.path.join(tmp, "cpu.lock"),
+                           PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                cmd = [sys.executable, "-m", "astra.parallel.worker", jobfile, tmp]
+                if netns is not None:
+                    env["MASTER_ADDR"] = netns.addr(0)
+                    env["GLOO_SOCKET_IFNAME"] = netns.ifname(r)
+                    cmd = netns.prefix(r) + ["env"] + [f"{k}={v}" for k, v in env.items()
+                                                       if k in _PASS] + cmd
+                log = open(os.path.join(tmp, f"rank{r}.log"), "w+")
+                logs.append(log)
+                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+            _watch(procs, logs, budget)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            for log in logs:
+                log.close()
+        per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
+                    for r in range(world)]
+    return [[per_rank[r][j] for r in range(world)] for j in range(len(jobs))]
+
+
+_PASS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+         "ASTRA_CPU_LOCK",
+         "PYTHONPATH", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE", "ASTRA_CACHE", "PATH", "HOME")
+
+
+def _tail(log, n=3000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-n:]
+
+
+def _watch(procs, logs, budget: float) -> None:
+    t_end = time.monotonic() + budget
+    while True:
+        codes = [p.poll() for p in procs]
+        bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        if bad:
+            time.sleep(0.2)  # let the others report their own error first
+            # the first to fail is the root cause when it died; when it merely reports a
+            # peer's failure, prefer a rank that died without a Python traceback
+            r = bad[0]
+            for q in bad:
+                if "Traceback" not in _tail(logs[q]):
+                    r = q
+            msgs = "\n".join(f"--- rank {q} (exit {codes[q] if codes[q] is not None else procs[q].poll()}):\n"
+                             f"{_tail(logs[q], 1500)}" for q in range(len(procs))
+                             if procs[q].poll() not in (None, 0) or q == r)
+            raise RunnerError(f"rank {r} failed (exit {codes[r]}); the run was stopped.\n{msgs}")
+        if all(c == 0 for c in codes):
+            return
+        if time.monotonic() > t_end:
+            raise RunnerError(f"the run did not finish within {budget:.0f} s; stopped")
+        time.sleep(0.05)

@@ -1,0 +1,340 @@
+"""One rank of a run: build the model, run each :class:`~astra.parallel.job.Job`, time it.
+
+Started by :func:`astra.parallel.launcher.launch` as ``python -m astra.parallel.worker
+JOBFILE OUTDIR`` (the torchrun environment names its rank), or in-process by the
+torchrun entry (:mod:`astra.cli.torchrun`). Each strategy is one row of
+:data:`STRATEGIES`: how a rank prepares the model, and one forward pass.
+
+- ``single``: rank 0 runs the plain model alone.
+- ``sp`` / ``astra``: every rank embeds its own chunk (a class-token copy first where the
+  model has one) and runs every block on it; the patched attention exchanges the full
+  attention input (sp: fp32/fp16/int8 on the wire) or its codes (astra). Rank 0 gathers
+  the summaries (``output="compact"``) or the hidden states (``"full"``) and finishes.
+- ``tp``: Megatron blocks (:class:`~astra.parallel.tp.TPBlock`) on the whole sequence.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import struct
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
+
+import torch
+
+from .job import Job, default_chunks, job_codebooks, wire_bits
+
+__all__ = ["STRATEGIES", "FAULTS", "run_jobs", "serve"]
+
+
+@dataclass
+class RankRun:
+    """One job on one rank: the model and its family adapter, this rank's chunk
+    ``[lo, hi)`` of the ``n`` content tokens, the communicator."""
+
+    job: Job
+    model: Any
+    adapter: Any
+    rank: int
+    world: int
+    n: int
+    lo: int
+    hi: int
+    comm: Any
+    tp_blocks: Optional[List[Any]] = None
+
+    @property
+    def cls(self) -> bool:
+        return bool(self.adapter.has_cls(self.model))
+
+    def embed(self, lo: int, hi: int):
+        return self.adapter.embed(self.model, self.job.inputs, lo, hi, self.cls)
+
+    def blocks(self, h):
+        for b in self.adapter.layers(self.model):
+            h = self.adapter.run_block(self.model, b, h)
+        return h
+
+    def finish(self, h):
+        """Rank 0: the whole sequence's hidden states -> the job's output."""
+        ad, m = self.adapter, self.model
+        if self.job.output == "compact":
+            return ad.finish_compact(m, [ad.summary(m, h, self.cls)], self.n + self.cls)
+        return ad.tail(m, h)
+
+
+def _setup_sequence(r: RankRun, codebooks) -> bool:
+    import astra
+    astra.patch(r.model, codebooks, communicator=r.comm, strict=False)
+    return True
+
+
+def _setup_tp(r: RankRun, codebooks) -> bool:
+    from .tp import TPBlock
+    r.tp_blocks = [TPBlock(r.rank, r.world, r.comm, **r.adapter.tp_spec(r.model, b))
+                   for b in r.adapter.layers(r.model)]
+    return False
+
+
+def _setup_single(r: RankRun, codebooks) -> bool:
+    if r.adapter.causal:  # the plain HF blocks need the model's causal mask; N=1 patch = original
+        import astra
+        astra.patch(r.model, None, devices=1)
+        return True
+    return False
+
+
+def _forward_single(r: RankRun):
+    if r.rank != 0:
+        return None
+    return r.finish(r.blocks(r.embed(0, r.n)))
+
+
+def _forward_tp(r: RankRun):
+    h = r.embed(0, r.n)
+    for b in r.tp_blocks:
+        h = b(h)
+    return r.finish(h) if r.rank == 0 else None
+
+
+def _forward_sequence(r: RankRun):
+    h = r.blocks(r.embed(r.lo, r.hi))
+    ad, m = r.adapter, r.model
+    if r.job.output == "compact":
+        got = r.comm.gather_to_root(ad.summary(m, h, r.cls), "gather.summary")
+        return None if got is None else ad.finish_compact(m, got, r.n + r.cls)
+    got = r.comm.gather_to_root(h, "gather.hidden")
+    if got is None:
+        return None
+    if r.cls:  # pool the class-token copies
+        cls = torch.stack([g[:, 0] for g in got]).mean(0).unsqueeze(1)
+        h = torch.cat([cls] + [g[:, 1:] for g in got], 1)
+    else:
+        h = torch.cat(got, 1)
+    return ad.tail(m, h)
+
+
+class Strategy(NamedTuple):
+    """``setup(run, codebooks) -> patched`` once per job, ``forward(run) -> output``
+    (rank 0) or None per timed pass."""
+
+    setup: Callable[[RankRun, Any], bool]
+    forward: Callable[[RankRun], Any]
+
+
+STRATEGIES: Dict[str, Strategy] = {
+    "single": Strategy(_setup_single, _forward_single),
+    "sp": Strategy(_setup_sequence, _forward_sequence),
+    "tp": Strategy(_setup_tp, _forward_tp),
+    "astra": Strategy(_setup_sequence, _forward_sequence),
+}
+
+
+# ------------------------------------------------------------------ test hook: faults
+
+def _tamper(kind: str):
+    def fn(seq, dst, frame):
+        if kind == "corrupt":
+            frame[-1] ^= 0xFF
+        else:  # truncate: the header claims fewer bytes than the receiver expects
+            n = struct.unpack_from("<I", frame.numpy(), 28)[0]
+            struct.pack_into("<I", frame.numpy(), 28, max(n - 1, 0))
+        return frame
+    return fn
+
+
+def _die(forward):
+    def fn(r):
+        os._exit(3)
+    return fn
+
+
+def _hang(forward):
+    def fn(r):
+        time.sleep(3600)
+    return fn
+
+
+# ``Job.fault = "<kind>:<rank>"``: frame faults tamper with what the rank sends; process
+# faults replace the rank's forward pass.
+FAULTS = {"corrupt": "frame", "truncate": "frame", "die": _die, "hang": _hang}
+
+
+def _inject(job: Job, rank: int, comm, forward):
+    """The forward pass to time, with ``job.fault`` applied where it names this rank."""
+    if not job.fault:
+        return forward
+    kind, _, who = job.fault.partition(":")
+    if kind not in FAULTS or not who.isdigit():
+        raise ValueError(f"fault must be one of {sorted(FAULTS)}:<rank>, got {job.fault!r}")
+    if int(who) != rank:
+        return forward
+    if FAULTS[kind] == "frame":
+        comm.tamper = _tamper(kind)
+        return forward
+    return FAULTS[kind](forward)
+
+
+# ----------------------------------------------------------------------- one job
+
+def _prepare(job: Job, model, rank: int, world: int, device: torch.device):
+    """The rank's :class:`RankRun` and the job's codebooks (astra)."""
+    from astra.models import resolve
+
+    from .comm import DistCommunicator
+    if job.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {job.strategy!r}")
+    ad = resolve(model)[1]
+    n = ad.n_content(model, job.inputs)
+    chunks = job.chunks or default_chunks(n, world)
+    if sum(chunks) != n or min(chunks) < 1:
+        raise ValueError(f"chunks {chunks} must be positive and sum to {n} tokens")
+    lo = sum(chunks[:rank])
+    cbs, wb = None, dict(G=0, K=0, bits=0, stage_bits=None)
+    if job.strategy == "astra":
+        cbs = job_codebooks(job)
+        if cbs is None:
+            raise ValueError("strategy 'astra' needs codebooks")
+        cbs = cbs.to(device)
+        wb = wire_bits(cbs)
+    comm = DistCommunicator(rank, world, chunks, causal=ad.causal, wire=job.wire,
+                            bits=wb["bits"], stage_bits=wb["stage_bits"], link=job.link,
+                            link_mode=job.link_mode, timeout_s=job.timeout_s, device=device)
+    run = RankRun(job, model, ad, rank, world, n, lo, lo + chunks[rank], comm)
+    return run, cbs, wb, chunks
+
+
+def _time(job: Job, comm, forward, sync):
+    """``warmup + repeats`` passes; per timed pass its time, bytes sent and link waits."""
+    from .comm import VirtualClock, WallClock
+    times, sent, waits, out = [], [], [], None
+    for it in range(job.warmup + job.repeats):
+        comm.clock = WallClock()
+        comm.barrier()
+        comm.clock = (VirtualClock(os.environ.get("ASTRA_CPU_LOCK"))
+                      if job.clock == "virtual" else WallClock())
+        comm.reset_stats()
+        sync()
+        t0 = comm.clock.now()
+        out = forward()
+        sync()
+        t = comm.clock.now() - t0
+        if job.clock == "virtual":
+            comm.clock.close()
+        if it >= job.warmup:
+            times.append(t)
+            sent.append(comm.bytes_sent())
+            waits.append(sum(s.wait_s for s in comm.stats))
+    return times, sent, waits, out
+
+
+def run_job(job: Job, model, rank: int, world: int,
+            device: torch.device = torch.device("cpu")) -> Dict[str, Any]:
+    """Run ``job`` on this rank (the process group is up); its result record."""
+    import astra
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    job = dataclasses.replace(job, inputs=job.inputs.to(device))
+    run, cbs, wb, chunks = _prepare(job, model, rank, world, device)
+    strategy = STRATEGIES[job.strategy]
+    forward = _inject(job, rank, run.comm, strategy.forward)
+    patched = strategy.setup(run, cbs)
+    try:
+        with torch.no_grad():
+            times, sent, waits, out = _time(job, run.comm, lambda: forward(run), sync)
+        stats = [dict(what=s.what, sent=s.bytes_sent, recv=s.bytes_recv, link_s=s.link_s,
+                      wait_s=s.wait_s, blocked_cpu_s=s.blocked_cpu_s) for s in run.comm.stats]
+    finally:
+        if patched:
+            astra.unpatch(model)
+    return dict(name=job.name, strategy=job.strategy, wire=job.wire, rank=rank, times=times,
+                bytes_sent=sent, waits=waits, collectives=stats, chunks=chunks,
+                output=out.cpu() if rank == 0 and out is not None else None,
+                bits=wb["bits"], G=wb["G"], K=wb["K"], stage_bits=wb["stage_bits"],
+                bits_per_token=(None if cbs is None else
+                                [cbs.layer_bits(i) for i in range(cbs.num_layers)]))
+
+
+# --------------------------------------------------------------------- the process
+
+def _rank_device(device: str, rank: int) -> torch.device:
+    """``"cpu"``, or ``"cuda"``: rank r on GPU ``r % device_count`` (several ranks may
+    share one GPU)."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device on this host")
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def run_jobs(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """This rank (``RANK``, ``WORLD_SIZE``, ``MASTER_*`` in the environment) joins the
+    gloo process group, builds ``spec["model"]`` and runs ``spec["jobs"]``."""
+    import faulthandler
+
+    import torch.distributed as dist
+
+    import astra_kernels
+    faulthandler.enable(all_threads=True)  # a C++ abort then shows where Python was
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(spec.get("threads", 1))
+    device = _rank_device(spec.get("device", "cpu"), rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = max(j.timeout_s for j in spec["jobs"])
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout))
+    try:
+        astra_kernels.set_code_checks(False)  # codes come from our own encoder / decoder
+        model = spec["model"].build().to(device)
+        return [run_job(j, model, rank, world, device) for j in spec["jobs"]]
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - peers may be gone already
+            pass
+
+
+def serve(jobfile: str, outdir: str) -> int:
+    """The worker process: run the pickled spec's jobs, save ``rank<r>.pt`` in ``outdir``."""
+    with open(jobfile, "rb") as f:
+        spec = pickle.load(f)
+    results = run_jobs(spec)
+    torch.save(results, Path(outdir) / f"rank{os.environ['RANK']}.pt")
+    return 0
+
+
+def exit_now(fn, *args) -> None:
+    """Run a worker's ``fn`` and leave the process at once with its status.
+
+    A rank's results are on disk and its process group destroyed when ``fn``
+    returns; what follows is interpreter teardown, where static destructors of
+    the distributed stack occasionally abort ("terminate called without an
+    active exception", SIGABRT, with no Python frame left on the stack).
+    ``os._exit`` skips that teardown, so a finished rank always reports 0 and a
+    failed one 1 after its traceback.
+    """
+    try:
+        code = fn(*args)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            print(e.code if isinstance(e.code, str) else f"exit {e.code}", file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported, then the process ends
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print("usage: python -m astra.parallel.worker JOBFILE OUTDIR", file=sys.stderr)
+        sys.exit(2)
+    exit_now(serve, sys.argv[1], sys.argv[2])
