@@ -40,14 +40,15 @@ def main():
                     timeout_s=600) for T in Ts]
         for T, res in zip(Ts, launch(spec, jobs, N)):
             sm = summarize(res)
-            ranks = [statistics_median(r["times"]) for r in res]
             rows.append(dict(model="gpt2", strategy=strat, devices=N, tokens=T,
                              bandwidth_mbps=a.bandwidth, latency_ms=sm["latency_s"] * 1e3,
-                             link_wait_ms=sm["wait_s"] * 1e3, bytes_per_device=sm["bytes_per_device"],
+                             link_wait_ms=sm["wait_s"] * 1e3,
+                             bytes_per_device=sm["bytes_per_device"],
                              wire="-", link="virtual"))
             print(rows[-1], flush=True)
     t1 = {r["tokens"]: r["latency_ms"] for r in rows if r["devices"] == 1}
-    print(f"\n{'T':>6}" + "".join(f"{'N=' + str(n):>16}" for n in sorted({r['devices'] for r in rows})))
+    Ns = sorted({r['devices'] for r in rows})
+    print(f"\n{'T':>6}" + "".join(f"{'N=' + str(n):>16}" for n in Ns))
     for T in Ts:
         line = f"{T:>6}"
         for r in sorted((r for r in rows if r["tokens"] == T), key=lambda r: r["devices"]):
@@ -55,11 +56,6 @@ def main():
         print(line)
     with open(a.json, "w") as f:
         json.dump(rows, f, indent=1)
-
-
-def statistics_median(xs):
-    import statistics
-    return statistics.median(xs)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,15 @@ import astra
 from astra import AstraAttention, Codebooks
 from astra.attention import chunk_layout
 from astra.checkpoint import load_checkpoint
-from astra.finetune import (ClassificationObjective, FinetuneConfig, HiddenObjective,
-                            LMObjective, NoiseAugmentedQuantizer, finetune, objective_for)
-
+from astra.finetune import (
+    ClassificationObjective,
+    FinetuneConfig,
+    HiddenObjective,
+    LMObjective,
+    NoiseAugmentedQuantizer,
+    finetune,
+    objective_for,
+)
 
 # ----------------------------------------------------------------------------- fixtures
 

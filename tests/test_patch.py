@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import astra
-import astra_kernels
 from astra import AstraAttention, Codebooks
 
 TOL = 1e-5

@@ -76,7 +76,8 @@ def case(request):
             Job("astra", x, codebooks=cb, name="astra-loss",
                 link=LinkModel(1000.0, 0.0, loss=0.5, mtu=2, seed=3))]
     res = launch(spec, jobs, world)
-    return dict(world=world, x=x, cb=cb, ref=ref, sim=sim, res=dict(zip([j.name for j in jobs], res)),
+    return dict(world=world, x=x, cb=cb, ref=ref, sim=sim,
+                res=dict(zip([j.name for j in jobs], res)),
                 causal=factory is factories.tiny_gpt2)
 
 

@@ -13,11 +13,10 @@ import torch
 
 import astra
 import astra_kernels
-from astra import cli
-from astra.catalog.inputs import minilm_tokenizer
-from astra import catalog
-from astra.catalog import factories
+from astra import catalog, cli
 from astra.calibrate import fit_residual
+from astra.catalog import factories
+from astra.catalog.inputs import minilm_tokenizer
 from astra.parallel import wire
 from astra.parallel.links import LinkModel
 from astra.parallel.runner import Job, ModelSpec, launch

@@ -33,8 +33,10 @@ def _case(factory, world, x):
 
 @requires_cuda
 @pytest.mark.parametrize("factory,world,x", [
-    (factories.tiny_gpt2, 2, torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(0))),
-    (factories.tiny_bert, 3, torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))),
+    (factories.tiny_gpt2, 2, torch.randint(0, 97, (2, 23),
+                                           generator=torch.Generator().manual_seed(0))),
+    (factories.tiny_bert, 3, torch.randint(0, 97, (2, 24),
+                                           generator=torch.Generator().manual_seed(0))),
     (factories.tiny_hf_vit, 3, torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))),
 ], ids=["gpt2-N2", "bert-N3", "hfvit-N3"])
 def test_gpu_ranks_equal_the_cpu_simulation(factory, world, x):

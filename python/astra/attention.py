@@ -40,8 +40,16 @@ the one class token is an ordinary token of chunk 0 (encoded and sent like the o
 """
 from __future__ import annotations
 
-from typing import (Callable, List, NamedTuple, Optional, Protocol, Sequence, Tuple,
-                    runtime_checkable)
+from typing import (
+    Callable,
+    List,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    runtime_checkable,
+)
 
 import torch
 import torch.nn.functional as F

@@ -203,8 +203,8 @@ def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: 
         forward: ``(model, batch) -> [B, T, D]`` features.
         batch_size: how many of ``batches`` are concatenated per step.
     """
-    from .patch import patch, unpatch
     from .attention import AstraAttention
+    from .patch import patch, unpatch
 
     if steps <= 0:
         return codebooks

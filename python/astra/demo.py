@@ -88,18 +88,10 @@ def run(devices: int = DEVICES, bandwidths=BANDWIDTHS, latency_ms: float = LATEN
                             repeats=7 if s == "single" else 3, warmup=1, timeout_s=300))
             keys.append((bw, s, w))
     results = launch(spec, jobs, devices)
-    rows, outs = [], {}
-    for (bw, s, w), res in zip(keys, results):
-        sm = summarize(res)
-        outs[(bw, s, w)] = res[0]["output"]
-        rows.append(dict(model="minilm", strategy=s, wire=w, devices=1 if s == "single" else devices,
-                         bandwidth_mbps=bw, latency_ms=sm["latency_s"] * 1e3,
-                         link_latency_ms=latency_ms, bytes_per_device=sm["bytes_per_device"],
-                         link=clock))
-    t1 = next(r["latency_ms"] for r in rows if r["strategy"] == "single") / 1e3
-    for r in rows:
-        r["speedup"] = t1 / (r["latency_ms"] / 1e3)
-        r["bound"] = 1.0 if r["strategy"] == "single" else e2e.bound(devices, L, latency_ms / 1e3, t1)
+    rows = [e2e.table_row("minilm", key, summarize(res), devices, latency_ms, clock)
+            for key, res in zip(keys, results)]
+    outs = {key: res[0]["output"] for key, res in zip(keys, results)}
+    e2e.add_speedups(rows, devices, L, latency_ms)
     e2e.print_table(rows)
     ref = outs[(bandwidths[0], "single", "-")]
     print("\nembedding fidelity (cosine of the sentence embedding vs one device):")

@@ -49,8 +49,13 @@ from torch import Tensor, nn
 from .attention import AstraAttention, ChunkLayout
 from .checkpoint import check_resume, load_checkpoint, load_training_state, save_training_state
 from .codebooks import Codebooks
-from .objectives import (ClassificationObjective, HiddenObjective, LMObjective, Objective,
-                         objective_for)
+from .objectives import (
+    ClassificationObjective,
+    HiddenObjective,
+    LMObjective,
+    Objective,
+    objective_for,
+)
 from .plots import plot_history
 
 __all__ = ["FinetuneConfig", "NoiseAugmentedQuantizer", "Objective", "ClassificationObjective",
@@ -500,6 +505,7 @@ def finetune(model: nn.Module, codebooks: Codebooks, batches: Sequence,
         fine-tuned weights: ``astra.patch(model, result.codebooks, devices=N)`` runs it.
     """
     from tqdm.auto import tqdm
+
     from .patch import unpatch
 
     objective = objective or objective_for(model)

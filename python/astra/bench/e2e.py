@@ -58,22 +58,34 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
             results = launch(spec, jobs, devices, netns=lab)
     else:
         results = launch(spec, jobs, devices)
-    rows = []
-    t1 = None
-    for (bw, s, w), res in zip(keys, results):
-        sm = summarize(res)
-        if s == "single":
-            t1 = sm["latency_s"]
-        rows.append(dict(model=name, strategy=s, wire=w, devices=devices if s != "single" else 1,
-                         bandwidth_mbps=bw, latency_ms=sm["latency_s"] * 1e3,
-                         link_latency_ms=latency_ms, bytes_per_device=sm["bytes_per_device"],
-                         link=link, tokens=int(inputs.shape[1]) if inputs.dim() == 2 else None,
-                         link_wait_ms=sm["wait_s"] * 1e3, medium=medium, times_ms=[t * 1e3 for t in sm["times"]]))
-    for r in rows:
-        if t1:
-            r["speedup"] = t1 / (r["latency_ms"] / 1e3)
-            r["bound"] = bound(devices, L, latency_ms / 1e3, t1) if r["strategy"] != "single" else 1.0
+    tokens_ = int(inputs.shape[1]) if inputs.dim() == 2 else None
+    rows = [table_row(name, key, summarize(res), devices, latency_ms, link, tokens=tokens_,
+                      medium=medium)
+            for key, res in zip(keys, results)]
+    add_speedups(rows, devices, L, latency_ms)
     return _finish_rows(rows, quiet)
+
+
+def table_row(model: str, key, summary: dict, devices: int, link_latency_ms: float, link: str,
+              **extra) -> dict:
+    """One printed row: ``key = (bandwidth, strategy, wire)`` and the job's summary."""
+    bw, s, w = key
+    return dict(model=model, strategy=s, wire=w, devices=1 if s == "single" else devices,
+                bandwidth_mbps=bw, latency_ms=summary["latency_s"] * 1e3,
+                link_latency_ms=link_latency_ms, bytes_per_device=summary["bytes_per_device"],
+                link=link, link_wait_ms=summary["wait_s"] * 1e3,
+                times_ms=[t * 1e3 for t in summary["times"]], **extra)
+
+
+def add_speedups(rows: List[dict], devices: int, layers: int, latency_ms: float) -> None:
+    """Each row's speedup over the ``single`` row and its bound (none without a single row)."""
+    t1 = next((r["latency_ms"] / 1e3 for r in rows if r["strategy"] == "single"), None)
+    if not t1:
+        return
+    for r in rows:
+        r["speedup"] = t1 / (r["latency_ms"] / 1e3)
+        r["bound"] = 1.0 if r["strategy"] == "single" else bound(devices, layers,
+                                                                  latency_ms / 1e3, t1)
 
 
 def _finish_rows(rows, quiet):

@@ -235,7 +235,8 @@ ANCHORS = ("faiss_flat", "faiss_pq", "torch_cdist", "sdpa_dequant", "sdpa_full")
 def format_table(rows: List[Row]) -> str:
     """case | impl | median | GFLOP/s | ratio to each anchor of the same case."""
     peaks = {r.case: r.gflops for r in rows if r.case.startswith("matmul_peak")}
-    lines = [f"device: {rows[0].device}; threads: {torch.get_num_threads()}; measured matmul peaks: "
+    lines = [f"device: {rows[0].device}; threads: {torch.get_num_threads()}; "
+             "measured matmul peaks: "
              + ", ".join(f"{k.split('_')[-1]} {v:,.0f} GFLOP/s" for k, v in peaks.items()), ""]
     head = f"{'case':<15}{'impl':<14}{'median ms':>11}{'GFLOP/s':>10}  ratio to anchors"
     lines += [head, "-" * len(head)]
@@ -251,7 +252,8 @@ def format_table(rows: List[Row]) -> str:
             if r.extra:
                 note = "  [" + ", ".join(f"{k}={v:.4g}" for k, v in r.extra.items()) + "]"
             ratio_txt = "" if impl in ANCHORS else ", ".join(ratios)
-            lines.append(f"{case:<15}{impl:<14}{r.median_ms:>11.3f}{r.gflops:>10.1f}  {ratio_txt}{note}")
+            lines.append(f"{case:<15}{impl:<14}{r.median_ms:>11.3f}{r.gflops:>10.1f}  "
+                         f"{ratio_txt}{note}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ def median_ms(fn: Callable[[], object], device: str = "cpu", min_time: float = 0
         fn()
     times = []
     start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < min_time):
+    while len(times) < max_runs and (len(times) < min_runs
+                                     or time.perf_counter() - start < min_time):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)

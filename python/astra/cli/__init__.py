@@ -43,7 +43,8 @@ def run_command(args: argparse.Namespace, prog: str) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    prog = " ".join(["astra", args.command] + ([args.suite] if getattr(args, "suite", None) else []))
+    suite = getattr(args, "suite", None)
+    prog = " ".join(["astra", args.command] + ([suite] if suite else []))
     return run_command(args, prog)
 
 

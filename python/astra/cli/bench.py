@@ -9,7 +9,8 @@ from ._args import csv_choices, csv_floats, positive_int
 def register(sub) -> None:
     s = sub.add_parser("bench", help="benchmarks")
     bsub = s.add_subparsers(dest="suite", required=True)
-    k = bsub.add_parser("kernels", help="op microbenchmarks beside their anchors (faiss, SDPA, cdist)")
+    k = bsub.add_parser("kernels",
+                        help="op microbenchmarks beside their anchors (faiss, SDPA, cdist)")
     k.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     k.add_argument("--quick", action="store_true", help="shorter timing loops")
     k.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if visible, else cpu")

@@ -74,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
     if res["strategy"] == "astra" and describe_codebooks(run.codebooks):
         wire = f" ({describe_codebooks(run.codebooks)})"
     print(f"{args.model} {res['strategy']}{wire} N={args.devices}: "
-          f"median {res['latency_s'] * 1e3:.1f} ms, {res['bytes_per_device']:.0f} B sent per device, "
+          f"median {res['latency_s'] * 1e3:.1f} ms, "
+          f"{res['bytes_per_device']:.0f} B sent per device, "
           f"link waits {res['wait_s'] * 1e3:.1f} ms")
     return 0

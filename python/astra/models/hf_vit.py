@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._hf import HFAdapter, HFAstraAttention, base_model, hf_mask, heads
+from ._hf import HFAdapter, HFAstraAttention, base_model, heads, hf_mask
 from ._vit import ClassTokenViTStages
 
 

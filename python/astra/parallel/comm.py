@@ -400,7 +400,8 @@ class DistCommunicator:
     # ------------------------------------------------------------------ link model
     def _latency(self, seq: int) -> float:
         lk = self.link
-        j = random.Random(lk.seed * 1_000_003 + seq).uniform(0, lk.jitter_ms) if lk.jitter_ms else 0.0
+        j = (random.Random(lk.seed * 1_000_003 + seq).uniform(0, lk.jitter_ms)
+             if lk.jitter_ms else 0.0)
         return (lk.latency_ms + j) * 1e-3
 
     def _duration(self, seq: int, plan) -> float:

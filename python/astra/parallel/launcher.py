@@ -111,7 +111,8 @@ def _watch(procs, logs, budget: float) -> None:
             for q in bad:
                 if "Traceback" not in _tail(logs[q]):
                     r = q
-            msgs = "\n".join(f"--- rank {q} (exit {codes[q] if codes[q] is not None else procs[q].poll()}):\n"
+            status = [c if c is not None else p.poll() for c, p in zip(codes, procs)]
+            msgs = "\n".join(f"--- rank {q} (exit {status[q]}):\n"
                              f"{_tail(logs[q], 1500)}" for q in range(len(procs))
                              if procs[q].poll() not in (None, 0) or q == r)
             raise RunnerError(f"rank {r} failed (exit {codes[r]}); the run was stopped.\n{msgs}")

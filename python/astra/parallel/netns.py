@@ -41,7 +41,8 @@ def _run(*cmd: str) -> None:
 class NetnsLab:
     """``with NetnsLab(n, rate_mbit) as lab:`` then run rank r under ``lab.prefix(r)``."""
 
-    def __init__(self, ranks: int, rate_mbit: float, burst_kbit: int = 32, lab_id: Optional[int] = None):
+    def __init__(self, ranks: int, rate_mbit: float, burst_kbit: int = 32,
+                 lab_id: Optional[int] = None):
         if ranks < 1:
             raise ValueError(f"ranks must be >= 1, got {ranks}")
         if rate_mbit <= 0:

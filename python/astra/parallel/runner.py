@@ -48,8 +48,7 @@ from __future__ import annotations
 
 from astra.catalog import ModelSpec
 
-from .job import (Job, RunnerError, check_device, default_chunks, job_codebooks, summarize,
-                  wire_bits)
+from .job import Job, RunnerError, check_device, default_chunks, job_codebooks, summarize, wire_bits
 from .launcher import launch
 from .worker import exit_now as _exit_now  # noqa: F401 (tests)
 
