@@ -21,24 +21,23 @@ def positive_int(text: str) -> int:
     return v
 
 
-def positive_float(text: str) -> float:
+def _number(text: str, ok, what: str) -> float:
+    """``float(text)`` when ``ok`` of it, else argparse's error naming ``what``."""
     try:
         v = float(text)
     except ValueError:
         v = math.nan
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return v
+
+
+def positive_float(text: str) -> float:
+    return _number(text, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 def probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (0.0 <= v < 1.0):
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
-    return v
+    return _number(text, lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)")
 
 
 def csv_ints(text: str) -> List[int]:
