@@ -143,12 +143,39 @@ def _positions(name: str, pos: Optional[Tensor], n: int, device) -> Tensor:
     return pos.to(torch.int64).contiguous()
 
 
+def _rope(cos: Optional[Tensor], sin: Optional[Tensor], B: int, Tr: int,
+          d: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Validate ``rope_cos``/``rope_sin`` against the remote tokens; return them as
+    contiguous float32 ``[B or 1, Tr, R]``, or ``(None, None)`` when there is nothing to
+    rotate (no rope, or no remote tokens)."""
+    if cos is None and sin is None:
+        return None, None
+    if cos is None or sin is None:
+        given, missing = ("rope_cos", "rope_sin") if sin is None else ("rope_sin", "rope_cos")
+        raise ValueError(f"{given} was given without {missing}; pass both or neither")
+    _tensor("rope_cos", cos, FLOAT_DTYPES + (torch.float64,), ndim=3)
+    _tensor("rope_sin", sin, FLOAT_DTYPES + (torch.float64,), ndim=3)
+    Bc, Tc, R = cos.shape
+    if Bc not in (1, B) or Tc != Tr:
+        raise ValueError(f"rope_cos has shape {tuple(cos.shape)}; expected [B={B} or 1, "
+                         f"Tr={Tr}, R] (one row per remote token)")
+    if R % 2 or not 2 <= R <= d:
+        raise ValueError(f"rope_cos has R={R} rotary dims; R must be even and in [2, d={d}]")
+    if sin.shape != cos.shape:
+        raise ValueError(f"rope_sin has shape {tuple(sin.shape)} but rope_cos has "
+                         f"{tuple(cos.shape)}; they must match")
+    if Tr == 0:
+        return None, None
+    return (cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous())
+
+
 def mixed_attention(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor] = None,
                     pk: Optional[Tensor] = None, pv: Optional[Tensor] = None, *,
                     remote_k: Optional[Tensor] = None, remote_v: Optional[Tensor] = None,
                     causal: bool = False, q_pos: Optional[Tensor] = None,
                     kv_pos: Optional[Tensor] = None, remote_pos: Optional[Tensor] = None,
-                    scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+                    scale: Optional[float] = None, rope_cos: Optional[Tensor] = None,
+                    rope_sin: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Attention of local queries over local keys (full precision) and remote keys.
 
     Remote keys come either as codes into projected codebooks (remote key ``j`` is
@@ -166,6 +193,15 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor] = N
             ``<=`` the query's. ``q_pos [Tq]``, ``kv_pos [Tl]``, ``remote_pos [Tr]``;
             ``q_pos``/``kv_pos`` default to ``arange`` when ``Tq == Tl``.
         scale: score scale, default ``1/sqrt(d)``.
+        rope_cos, rope_sin: rotary embedding of the remote keys (both or neither):
+            ``[B, Tr, R]`` or ``[1, Tr, R]`` (shared by the batch), float (computed in
+            float32), ``R`` even, ``2 <= R <= d``; the model's own rotary cos/sin at the
+            remote tokens' global positions, in HF's layout (``cat(freqs, freqs)``).
+            Remote key ``j`` (from the tables, or ``remote_k``) is rotated on its first
+            ``R`` dims, ``k[:R] * cos + rotate_half(k[:R]) * sin`` as HF's
+            ``apply_rotary_pos_emb`` does; dims ``R..d``, values, queries and local keys
+            (which arrive rotated) are not touched. With rope the kernels gather every
+            remote key (codebook-space attention needs position-free keys).
 
     Returns:
         ``(out [B, H, Tq, d] in q's dtype, lse [B, H, Tq] float32)``, ``lse`` the
@@ -189,7 +225,8 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor] = N
     if codes is not None and (remote_k is not None or remote_v is not None):
         raise ValueError("pass either codes (with pk, pv) or remote_k/remote_v, not both")
     _same_device(q=q, k=k, v=v, codes=codes, pk=pk, pv=pv, remote_k=remote_k,
-                 remote_v=remote_v, q_pos=q_pos, kv_pos=kv_pos, remote_pos=remote_pos)
+                 remote_v=remote_v, q_pos=q_pos, kv_pos=kv_pos, remote_pos=remote_pos,
+                 rope_cos=rope_cos, rope_sin=rope_sin)
 
     Tr = 0
     if codes is not None:
@@ -237,6 +274,8 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor] = N
         Tr = remote_k.shape[2]
         remote_k, remote_v = remote_k.contiguous(), remote_v.contiguous()
 
+    rope_cos, rope_sin = _rope(rope_cos, rope_sin, B, Tr, d)
+
     if causal:
         if (q_pos is None or kv_pos is None) and Tq != Tl:
             raise ValueError(f"causal attention with Tq={Tq} != Tl={Tl} needs q_pos and kv_pos")
@@ -251,7 +290,7 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor] = N
         scale = 1.0 / math.sqrt(d)
     return torch.ops.astra.mixed_attention(
         q.contiguous(), k.contiguous(), v.contiguous(), codes, pk, pv, remote_k, remote_v,
-        bool(causal), q_pos, kv_pos, remote_pos, float(scale))
+        bool(causal), q_pos, kv_pos, remote_pos, float(scale), rope_cos, rope_sin)
 
 
 def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,

@@ -32,7 +32,14 @@ Kernel contract (what every backend may assume):
 - ``mixed_attention``: ``q [B,H,Tq,d]``, ``k, v [B,Hkv,Tl,d]`` contiguous, one dtype;
   either ``codes [B,Tr,G]`` int32 in ``[-1, K)`` with ``pk, pv [G,K,Hkv,d]`` (q's dtype),
   or ``remote_k, remote_v [B,Hkv,Tr,d]``, or neither (Tr = 0); when ``causal`` all three
-  position tensors are given (int64); ``scale`` is given.
+  position tensors are given (int64); ``scale`` is given. ``rope_cos, rope_sin``: both
+  or neither, and only when ``Tr > 0``: contiguous float32 ``[B or 1, Tr, R]`` (one
+  shape), ``R`` even, ``2 <= R <= d``. Remote key ``j`` (the sum over groups rounded to
+  the table dtype, or ``remote_k``) is rotated on its first ``R`` dims,
+  ``k[:R] = k[:R] * cos + rotate_half(k[:R]) * sin`` (HF's ``apply_rotary_pos_emb``;
+  ``rotate_half(x) = cat(-x[R/2:], x[:R/2])``) in fp32, rounded to the table dtype;
+  values, queries and local keys are not touched. Rotated keys depend on the position,
+  so with rope every backend takes the gather path, never codebook space.
 - ``merge_attention``: ``out_* [..., d]`` one dtype, ``lse_* [...]`` float32, same shapes.
 """
 from __future__ import annotations
@@ -50,7 +57,8 @@ SCHEMAS = {
     "mixed_attention": "mixed_attention(Tensor q, Tensor k, Tensor v, Tensor? codes, "
                        "Tensor? pk, Tensor? pv, Tensor? remote_k, Tensor? remote_v, "
                        "bool causal=False, Tensor? q_pos=None, Tensor? kv_pos=None, "
-                       "Tensor? remote_pos=None, float? scale=None) -> (Tensor, Tensor)",
+                       "Tensor? remote_pos=None, float? scale=None, Tensor? rope_cos=None, "
+                       "Tensor? rope_sin=None) -> (Tensor, Tensor)",
     "merge_attention": "merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, "
                        "Tensor lse_b) -> (Tensor, Tensor)",
 }
@@ -115,7 +123,8 @@ def _unpack_codes_fake(payload, shape, bits):
 
 @torch.library.register_fake("astra::mixed_attention")
 def _mixed_attention_fake(q, k, v, codes, pk, pv, remote_k, remote_v, causal=False,
-                          q_pos=None, kv_pos=None, remote_pos=None, scale=None):
+                          q_pos=None, kv_pos=None, remote_pos=None, scale=None,
+                          rope_cos=None, rope_sin=None):
     B, H, Tq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, Tq), dtype=torch.float32)
 

@@ -101,15 +101,36 @@ def dequantize_remote(codes: Tensor, pk: Tensor, pv: Tensor) -> Tuple[Tensor, Te
     return (k.to(pk.dtype).permute(0, 2, 1, 3), v.to(pv.dtype).permute(0, 2, 1, 3), missing)
 
 
+def rotate_keys(k: Tensor, cos: Tensor, sin: Tensor, upcast: bool = True) -> Tensor:
+    """Rotary embedding of keys on their first ``R`` dims, as HF's
+    ``apply_rotary_pos_emb``: ``k[..., :R] * cos + rotate_half(k[..., :R]) * sin`` with
+    ``rotate_half(x) = cat(-x[..., R/2:], x[..., :R/2])``; dims ``R..d`` unchanged.
+
+    ``k [B, Hkv, T, d]``, ``cos, sin [B or 1, T, R]``. ``upcast``: computed in fp32
+    (fp64 for fp64 keys) and rounded once to ``k``'s dtype, as the kernels do; else at
+    ``k``'s precision (cos/sin rounded to it first), as HF does in a 16-bit model.
+    """
+    R = cos.shape[-1]
+    cdt = k.dtype if not upcast else (torch.float64 if k.dtype == torch.float64
+                                      else torch.float32)
+    x = k[..., :R].to(cdt)
+    c, s = cos.unsqueeze(1).to(cdt), sin.unsqueeze(1).to(cdt)
+    rot = torch.cat([-x[..., R // 2:], x[..., :R // 2]], dim=-1)
+    return torch.cat([(x * c + rot * s).to(k.dtype), k[..., R:]], dim=-1)
+
+
 def mixed_attention(q: Tensor, k: Tensor, v: Tensor,
                     codes: Optional[Tensor] = None, pk: Optional[Tensor] = None,
                     pv: Optional[Tensor] = None, remote_k: Optional[Tensor] = None,
                     remote_v: Optional[Tensor] = None, causal: bool = False,
                     q_pos: Optional[Tensor] = None, kv_pos: Optional[Tensor] = None,
                     remote_pos: Optional[Tensor] = None, scale: Optional[float] = None,
+                    rope_cos: Optional[Tensor] = None, rope_sin: Optional[Tensor] = None,
                     upcast: bool = True) -> Tuple[Tensor, Tensor]:
     """Softmax attention of ``q`` over local keys plus remote keys (codes or materialized).
 
+    With ``rope_cos``/``rope_sin`` the remote keys (the dequantized sums, or
+    ``remote_k``) are rotated by :func:`rotate_keys` before the scores; values are not.
     Returns ``(out [B, H, Tq, d] in q.dtype, lse [B, H, Tq] float32)``. Rows that see
     no key give zeros and ``lse = -inf``. See :func:`astra_kernels.mixed_attention`.
     """
@@ -120,6 +141,8 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor,
     missing = None
     if codes is not None:
         remote_k, remote_v, missing = dequantize_remote(codes, pk, pv)
+    if rope_cos is not None and remote_k is not None:
+        remote_k = rotate_keys(remote_k, rope_cos, rope_sin, upcast)
     keys, vals = k, v
     if remote_k is not None:
         keys = torch.cat([k, remote_k], dim=2)

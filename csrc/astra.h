@@ -22,7 +22,8 @@ std::tuple<Tensor, Tensor> mixed_attention_cpu(
     const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& codes,
     const OptTensor& pk, const OptTensor& pv, const OptTensor& remote_k,
     const OptTensor& remote_v, bool causal, const OptTensor& q_pos,
-    const OptTensor& kv_pos, const OptTensor& remote_pos, c10::optional<double> scale);
+    const OptTensor& kv_pos, const OptTensor& remote_pos, c10::optional<double> scale,
+    const OptTensor& rope_cos, const OptTensor& rope_sin);
 std::tuple<Tensor, Tensor> merge_attention_cpu(const Tensor& out_a, const Tensor& lse_a,
                                                const Tensor& out_b, const Tensor& lse_b);
 

@@ -9,7 +9,6 @@ import astra
 import astra_kernels
 from astra.attention import AstraAttention, chunk_layout
 
-
 # ----------------------------------------------------------------------------- models
 
 def _gpt2(layers=2, seed=0):

@@ -1,42 +1,52 @@
-"""The fast paths of the compiled CPU kernels (csrc/cpu), each against an oracle.
+"""The fast paths of the compiled CPU kernels (csrc/cpu), each against an oracle
+(the grid every backend passes is in ``test_ops``; the rules in :mod:`tests.oracles`).
 
 - ``vq_encode``: the exact fp32 path re-ranks near-ties (a codebook holding a token
   and a near-duplicate of it), the bf16 fast path agrees with the exact argmin, the
-  per-codebook cache is rebuilt when the codebook changes in place or is replaced.
+  per-codebook cache is rebuilt when the codebook changes in place or is replaced,
+  row and codeword counts at the edges of the kernels' tiles.
 - ``mixed_attention``: the codebook-space remote path (G = 1, fewer distinct codes
   than remote tokens) equals attention over materialized K/V; the causal rule per
-  query tile (codebook space / per-key masks / nothing) matches the reference.
+  query tile (codebook space / per-key masks / nothing) matches the reference; key
+  counts at the edges of the key tiles.
+
+Skipped when the extension was not built; failed when it was built but does not load.
 """
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import astra_kernels as ak
 from astra_kernels import reference
-
-pytestmark = pytest.mark.skipif("cpp" not in ak.available_backends("cpu"),
-                                reason="compiled CPU kernels not built")
+from tests._util import require_compiled
+from tests.oracles import (
+    assert_codes_agree,
+    assert_codes_exact,
+    assert_codes_near_optimal,
+    assert_vq_error,
+    check_mixed_attention,
+    nearest_codes,
+    quantization_mse,
+)
 
 
 @pytest.fixture(autouse=True)
 def _cpp():
+    require_compiled()
     with ak.use_backend("cpp", "cpu"):
         yield
 
 
 def _exact_codes(x, cb):
-    """fp64 argmin by direct squared differences (independent of the kernels' form)."""
-    G, K, dg = cb.shape
-    xs = x.double().reshape(x.shape[0], G, dg)
-    d = ((xs.unsqueeze(2) - cb.double().unsqueeze(0)) ** 2).sum(-1)  # [M, G, K]
-    return d.argmin(-1).to(torch.int32), d
+    """float64 nearest codewords (ties to the lowest index) and all distances."""
+    return nearest_codes(x, cb)
 
 
 def _clustered(n, d, centers, gen, spread):
     c = torch.randn(centers, d, generator=gen)
-    return c[torch.randint(centers, (n,), generator=gen)] + spread * torch.randn(n, d, generator=gen)
+    pick = torch.randint(centers, (n,), generator=gen)
+    return c[pick] + spread * torch.randn(n, d, generator=gen)
 
 
 # ----------------------------------------------------------------------------- vq_encode
@@ -54,10 +64,8 @@ def test_fp32_near_ties_are_exact(G):
         own = torch.randperm(K, generator=gen)[:2 * M].reshape(M, 2)
         cb[g, own[:, 0]] = xs[:, g]  # the token itself
         cb[g, own[:, 1]] = xs[:, g] + 1e-3 * torch.randn(M, dg, generator=gen)
-    exact, _ = _exact_codes(x, cb)
-    codes = ak.vq_encode(x, cb)
-    assert torch.equal(codes, exact)
-    assert torch.equal(codes, reference.vq_encode(x, cb)[0])
+    assert_codes_exact(ak.vq_encode(x, cb), x, cb, what=f"cpp near-ties G={G}")
+    assert_codes_exact(reference.vq_encode(x, cb)[0], x, cb, what="reference near-ties")
 
 
 @pytest.mark.parametrize("K", [1500, 20000])
@@ -73,10 +81,7 @@ def test_fp32_near_ties_are_exact_both_rerank_paths(K):
     cb[0, own[:, 0]] = x + 1e-3 * torch.randn(M, dg, generator=gen)
     cb[0, own[:, 1]] = x + 1e-3 * torch.randn(M, dg, generator=gen)
     cb[0, own[:, 2]] = x + 2e-3 * torch.randn(M, dg, generator=gen)
-    exact = torch.stack([((cb[0].double() - x[i].double()) ** 2).sum(-1).argmin()
-                         for i in range(M)]).to(torch.int32)
-    codes = ak.vq_encode(x, cb)[:, 0]
-    assert torch.equal(codes, exact)
+    assert_codes_exact(ak.vq_encode(x, cb), x, cb, what=f"cpp re-rank K={K}")
 
 
 def test_fp32_exact_ties_lowest_index_after_rerank():
@@ -100,17 +105,13 @@ def test_bf16_fast_path_agrees(M, D, G, K):
     x = x + 0.3 * torch.randn(M, D, generator=gen)
     exact = ak.vq_encode(x, cb)
     fast, err_fast = ak.vq_encode(x, cb, precision="bf16", return_error=True)
-    assert fast.shape == (M, G) and fast.dtype == torch.int32
-    assert (fast == exact).float().mean() >= 0.99
+    what = f"cpp bf16 M={M} D={D} G={G} K={K}"
+    assert_codes_near_optimal(fast, x, cb, precision="bf16", what=what)
+    assert_codes_agree(fast, exact, 0.99, what)
     # quantization error of the chosen codewords, in fp64 on the fp32 values
-    _, d = _exact_codes(x, cb)
-    mse = lambda c: d.gather(2, c.long().unsqueeze(-1)).sum()  # noqa: E731
-    assert mse(fast) <= mse(exact) * (1 + 1e-4)
+    assert quantization_mse(fast, x, cb) <= quantization_mse(exact, x, cb) * (1 + 1e-4)
     # and the error output is the bf16-rounded distance to the chosen codewords
-    _, ref_err = reference.vq_encode(x, cb, precision="bf16", return_error=True)
-    ref_codes = reference.vq_encode(x, cb, precision="bf16")[0]
-    same = (fast == ref_codes).all(1)
-    torch.testing.assert_close(err_fast[same], ref_err[same], rtol=1e-4, atol=1e-4)
+    assert_vq_error(err_fast, fast, x, cb, precision="bf16", what=what, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -120,8 +121,25 @@ def test_bf16_fast_path_low_precision_inputs(dtype):
     x = (cb[:, torch.randint(0, 100, (300,), generator=gen)].permute(1, 0, 2).reshape(300, 80)
          + 0.2 * torch.randn(300, 80, generator=gen)).to(dtype)
     fast = ak.vq_encode(x, cb, precision="bf16")
-    exact, _ = _exact_codes(x.float(), cb)
-    assert (fast == exact).float().mean() >= 0.99
+    assert_codes_near_optimal(fast, x, cb, precision="bf16", what=f"cpp bf16 {dtype} input")
+    assert_codes_agree(fast, _exact_codes(x.float(), cb)[0], 0.99, f"cpp bf16 {dtype} input")
+
+
+# Tile edges of csrc/cpu/vq_encode.cpp: 128 rows per fp32 tile, 64 codewords per fp32
+# brgemm; bf16: 256 rows per tile, 64-row x 6-codeword register blocks.
+@pytest.mark.parametrize("M,K", [(127, 63), (128, 64), (129, 65), (63, 6), (65, 7), (257, 13),
+                                 (256, 1)])
+@pytest.mark.parametrize("dg", [16, 17])
+def test_vq_encode_tile_edges(M, K, dg):
+    gen = torch.Generator().manual_seed(M * K + dg)
+    x, cb = torch.randn(M, 2 * dg, generator=gen), torch.randn(2, K, dg, generator=gen)
+    codes, err = ak.vq_encode(x, cb, return_error=True)
+    assert_codes_exact(codes, x, cb, what=f"cpp fp32 tile edge M={M} K={K} dg={dg}")
+    assert_vq_error(err, codes, x, cb, what="cpp fp32 tile edge")
+    codes, err = ak.vq_encode(x, cb, precision="bf16", return_error=True)
+    what = f"cpp bf16 tile edge M={M} K={K} dg={dg}"
+    assert_codes_near_optimal(codes, x, cb, precision="bf16", what=what)
+    assert_vq_error(err, codes, x, cb, precision="bf16", what=what, rtol=1e-4, atol=1e-4)
 
 
 def _stats():
@@ -195,13 +213,6 @@ def _inputs(B, H, Hkv, Tq, Tl, Tr, d, K, dtype, seed, missing=0.1):
     return q, k, v, codes, pk, pv
 
 
-def _oracle(q, k, v, codes, pk, pv, **kw):
-    pos = {n: t for n, t in kw.items() if isinstance(t, torch.Tensor)}
-    args = [t.double() if t.is_floating_point() else t for t in (q, k, v, codes, pk, pv)]
-    out, lse = reference.mixed_attention(*args, causal=kw.get("causal", False), **pos)
-    return out, lse
-
-
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tl,Tr,d,K", [
     (1, 4, 4, 200, 150, 3000, 64, 64),   # codebook space: 64 codes << 3000 tokens
     (2, 6, 2, 33, 17, 500, 32, 7),       # GQA, several batches, tiny codebook
@@ -212,16 +223,15 @@ def test_codebook_space_equals_gather(B, H, Hkv, Tq, Tl, Tr, d, K):
     out, lse = ak.mixed_attention(q, k, v, codes, pk, pv)
     rk, rv, missing = reference.dequantize_remote(codes, pk, pv)
     # materialized remote K/V take the dense tile loop (no codebook space); missing
-    # tokens are dropped from them so both see the same keys
+    # tokens are dropped from them so both see the same keys. Two fp32 paths of one
+    # kernel: tighter than the oracle's slack.
     keep = ~missing[0] if B == 1 else None
     if B == 1:
         out_m, lse_m = ak.mixed_attention(q, k, v, remote_k=rk[:, :, keep].contiguous(),
                                           remote_v=rv[:, :, keep].contiguous())
         torch.testing.assert_close(out, out_m, rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(lse, lse_m, rtol=2e-6, atol=2e-5)
-    ref_out, ref_lse = _oracle(q, k, v, codes, pk, pv)
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+    check_mixed_attention((out, lse), q, k, v, codes, pk, pv, what="cpp codebook space")
 
 
 def test_causal_tile_rule():
@@ -235,9 +245,7 @@ def test_causal_tile_rule():
     remote_pos = 1000 + torch.arange(Tr)
     kw = dict(causal=True, q_pos=q_pos, kv_pos=q_pos.clone(), remote_pos=remote_pos)
     out, lse = ak.mixed_attention(q, k, v, codes, pk, pv, **kw)
-    ref_out, ref_lse = _oracle(q, k, v, codes, pk, pv, **kw)
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+    check_mixed_attention((out, lse), q, k, v, codes, pk, pv, **kw, what="cpp causal tiles")
     # shuffled remote positions inside the same range: same answer (visibility is per key)
     perm = torch.randperm(Tr, generator=torch.Generator().manual_seed(0))
     out_p, _ = ak.mixed_attention(q, k, v, codes[:, perm].contiguous(), pk, pv,
@@ -254,14 +262,8 @@ def test_codebook_space_low_precision(dtype, causal):
         kw = dict(causal=True, q_pos=1000 + torch.arange(150), kv_pos=1000 + torch.arange(130),
                   remote_pos=torch.arange(1000))
     out, lse = ak.mixed_attention(q, k, v, codes, pk, pv, **kw)
-    exact, exact_lse = _oracle(q, k, v, codes, pk, pv, **kw)
-    pos = {n: t for n, t in kw.items() if isinstance(t, torch.Tensor)}
-    same_prec, _ = reference.mixed_attention(q, k, v, codes, pk, pv, causal=causal, **pos,
-                                             upcast=False)
-    ref_err = (same_prec.double() - exact).abs().max().item()
-    err = (out.double() - exact).abs().max().item()
-    assert err <= 2 * ref_err + 1e-3, f"kernel error {err:.3g} vs PyTorch's own {ref_err:.3g}"
-    torch.testing.assert_close(lse.double(), exact_lse.double(), rtol=1e-3, atol=1e-2)
+    check_mixed_attention((out, lse), q, k, v, codes, pk, pv, **kw,
+                            what=f"cpp codebook space causal={causal}")
 
 
 def test_all_codes_missing_codebook_space():
@@ -291,13 +293,56 @@ def test_gather_path_reused_across_query_tiles(dtype, causal):
         kw = dict(causal=True, q_pos=perm[:Tq].sort().values, kv_pos=perm[:Tl],
                   remote_pos=perm[Tl:])
     out, lse = ak.mixed_attention(q, k, v, codes, pk, pv, **kw)
-    exact, exact_lse = _oracle(q, k, v, codes, pk, pv, **kw)
-    if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(lse.double(), exact_lse.double(), rtol=1e-5, atol=1e-5)
+    check_mixed_attention((out, lse), q, k, v, codes, pk, pv, **kw,
+                            what=f"cpp gather reuse causal={causal}")
+
+
+def _rope(pos, R):
+    ang = pos.double()[..., None] / 10000 ** (torch.arange(0, R, 2).double() / R)
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos().float(), ang.sin().float()
+
+
+@pytest.mark.parametrize("form", ["codes", "materialized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("R", [64, 32])
+def test_rope_never_codebook_space(form, dtype, R):
+    """RoPE with G = 1 and far fewer distinct codes than remote tokens (codebook space
+    without rope), several query tiles per head (remote tiles gathered, rotated and kept
+    per thread), key tile edges (Tr = 257), a causal prefill chunk with per-batch cos/sin."""
+    B, H, Hkv, Tq, Tr, d, K = 2, 9, 3, 150, 257, 64, 16
+    q, k, v, codes, pk, pv = _inputs(B, H, Hkv, Tq, Tq, Tr, d, K, dtype, seed=R)
+    pos = torch.arange(Tr)
+    cos, sin = _rope(pos + 100 * torch.arange(B)[:, None], R)
+    kw = dict(causal=True, q_pos=Tr + torch.arange(Tq), kv_pos=Tr + torch.arange(Tq),
+              remote_pos=pos, rope_cos=cos, rope_sin=sin)
+    if form == "codes":
+        kw.update(codes=codes, pk=pk, pv=pv)
     else:
-        pos = {n: t for n, t in kw.items() if isinstance(t, torch.Tensor)}
-        same_prec, _ = reference.mixed_attention(q, k, v, codes, pk, pv, causal=causal, **pos,
-                                                 upcast=False)
-        ref_err = (same_prec.double() - exact).abs().max().item()
-        assert (out.double() - exact).abs().max().item() <= 2 * ref_err + 1e-3
+        rk, rv, _ = reference.dequantize_remote(codes, pk, pv)
+        kw.update(remote_k=rk.contiguous(), remote_v=rv.contiguous())
+    got = ak.mixed_attention(q, k, v, **kw)
+    check_mixed_attention(got, q, k, v, **kw, what=f"cpp rope {form} R={R}")
+    # one query tile per head (no per-thread cache), non-causal: the same keys
+    kw1 = {n: t for n, t in kw.items() if n not in ("causal", "q_pos", "kv_pos", "remote_pos")}
+    got1 = ak.mixed_attention(q[:, :, :5], k, v, **kw1)
+    check_mixed_attention(got1, q[:, :, :5], k, v, **kw1, what=f"cpp rope {form} one tile")
+
+
+# Key tiles of csrc/cpu/attention.cpp hold 128 keys; a work item ~128 query rows.
+@pytest.mark.parametrize("Tl,Tr", [(127, 1), (128, 128), (129, 257), (0, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_key_tile_edges(Tl, Tr, dtype):
+    B, H, Hkv, Tq, d, G, K = 1, 3, 1, 129, 24, 2, 300
+    q, k, v, codes, pk, pv = _inputs(B, H, Hkv, Tq, Tl, Tr, d, K, dtype, seed=Tl + Tr)
+    codes = torch.cat([codes, torch.randint(0, K, (B, Tr, G - 1), dtype=torch.int32)], -1)
+    pk, pv = torch.cat([pk, pk.flip(1)]), torch.cat([pv, pv.flip(1)])  # G = 2: gather path
+    perm = torch.randperm(Tl + Tr, generator=torch.Generator().manual_seed(1))
+    kv_pos, remote_pos = perm[:Tl], perm[Tl:]
+    kw = dict(causal=True, q_pos=torch.arange(Tq) * (Tl + Tr) // Tq, kv_pos=kv_pos,
+              remote_pos=remote_pos)
+    for form in ("full", "causal"):
+        args = {} if form == "full" else kw
+        got = ak.mixed_attention(q, k, v, codes, pk, pv, **args)
+        check_mixed_attention(got, q, k, v, codes, pk, pv, **args,
+                                what=f"cpp key tile edge Tl={Tl} Tr={Tr} {form}")

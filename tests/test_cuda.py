@@ -1,12 +1,13 @@
-"""GPU tests of the compiled CUDA kernels (csrc/cuda) against astra_kernels.reference.
+"""GPU tests of the compiled CUDA kernels (csrc/cuda): their own tile sizes and paths.
 
-Every test runs the public ``astra_kernels.<op>`` functions with the ``cuda`` backend
-forced, on CUDA tensors, over awkward shapes (tails of every tile size, GQA, empty
-local or remote sets, missing codes, causal masks over interleaved and shuffled
-positions). Attention is judged as flash-attention's tests do: ground truth is the
-reference on the same inputs cast to float64, and the kernel's error must be at most
-twice the error of the reference run at the input precision (``upcast=False``) plus a
-small absolute slack. Skipped without a CUDA device.
+The grid every backend passes (``test_ops``, including ``cuda``) covers pack/unpack,
+merge, lost and out-of-range codes, empty inputs. Here the public ``astra_kernels.<op>``
+functions run with the ``cuda`` backend forced, on CUDA tensors, over what the CUDA
+kernels do differently: the bf16 tensor-core VQ path in place or padded, code tiles of
+128, tensor-core head dims and the generic CUDA-core kernel, many key tiles,
+misaligned views. Comparison rules and tolerances (flash-attention's: at most twice
+PyTorch's own error at the input precision plus a small slack): :mod:`tests.oracles`.
+Skipped without a CUDA device; failed when ``_C`` was built but does not load.
 """
 import math
 
@@ -15,7 +16,13 @@ import torch
 
 import astra_kernels
 from astra_kernels import reference
-from tests._util import requires_cuda
+from tests._util import require_backend, requires_cuda
+from tests.oracles import (
+    assert_codes_agree,
+    assert_codes_near_optimal,
+    assert_vq_error,
+    check_mixed_attention,
+)
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -25,7 +32,8 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 @pytest.fixture(autouse=True)
 def _cuda_backend():
-    """Serve every op on CUDA tensors with the compiled kernels (fails if not built)."""
+    """Serve every op on CUDA tensors with the compiled kernels."""
+    require_backend("cuda", "cuda")
     with astra_kernels.use_backend("cuda", "cuda"):
         yield
 
@@ -33,36 +41,9 @@ def _cuda_backend():
 # ---------------------------------------------------------------------------
 # vq_encode
 # ---------------------------------------------------------------------------
-def _all_distances64(x, cb, precision):
-    """Exact squared distances [M, G, K] of the (rounded, for bf16) operands."""
-    M, D = x.shape
-    G, K, dg = cb.shape
-    xs = x.reshape(M, G, dg)
-    c = cb
-    if precision == "bf16":
-        xs, c = xs.to(torch.bfloat16), c.to(torch.bfloat16)
-    xs, c = xs.double(), c.double()
-    xn = (xs * xs).sum(-1, keepdim=True)            # [M, G, 1]
-    cn = (c * c).sum(-1)                            # [G, K]
-    dist = xn + cn.unsqueeze(0) - 2.0 * torch.einsum("mgd,gkd->mgk", xs, c)
-    return dist, xn.squeeze(-1), cn
-
-
-def _check_codes(x, cb, codes, precision):
+def _check_codes(x, cb, codes, precision, what=""):
     """Each code is the nearest codeword up to fp32-accumulation error."""
-    dist, xn, cn = _all_distances64(x, cb, precision)
-    M, G = codes.shape
-    dg = cb.shape[2]
-    assert codes.dtype == torch.int32 and codes.shape == (x.shape[0], cb.shape[0])
-    assert int(codes.min()) >= 0 and int(codes.max()) < cb.shape[1]
-    chosen = dist.gather(-1, codes.long().unsqueeze(-1)).squeeze(-1)
-    best = dist.min(-1).values
-    tol = 1e-6 * dg * (xn + cn.max(-1).values.unsqueeze(0)) + 1e-6
-    gap = chosen - best
-    bad = gap > tol
-    assert not bad.any(), (f"{int(bad.sum())} of {M * G} codes are not nearest; worst gap "
-                           f"{float(gap.max()):.3g} vs tol {float(tol.flatten()[0]):.3g}")
-    return chosen
+    return assert_codes_near_optimal(codes, x, cb, precision=precision, what=what)
 
 
 # (x dtype, precision): fp32 FMA on fp32/fp16 input; bf16 tensor cores on bf16 input
@@ -80,11 +61,12 @@ def test_vq_encode_nearest(M, K, G, xdtype, precision):
     x = torch.randn(M, G * dg, device=DEV).to(xdtype)
     cb = torch.randn(G, K, dg, device=DEV)
     codes, err = astra_kernels.vq_encode(x, cb, precision=precision, return_error=True)
-    chosen = _check_codes(x, cb, codes, precision)
+    what = f"cuda vq_encode M={M} K={K} G={G} {xdtype} {precision}"
+    _check_codes(x, cb, codes, precision, what)
     ref_codes, ref_err = reference.vq_encode(x, cb, precision, True)
-    assert (codes == ref_codes).float().mean().item() >= 0.98
+    assert_codes_agree(codes, ref_codes, 0.98, what)
     # err is the exact squared distance to the chosen codewords, summed over groups.
-    torch.testing.assert_close(err, chosen.sum(-1).float(), rtol=1e-5, atol=1e-5)
+    assert_vq_error(err, codes, x, cb, precision=precision, what=what)
     torch.testing.assert_close(err, ref_err, rtol=1e-4, atol=1e-4)
     assert astra_kernels.vq_encode(x, cb, precision=precision).shape == (M, G)
 
@@ -115,51 +97,9 @@ def test_vq_encode_one_dim_groups_and_large_rows():
         _check_codes(x, cb, codes, precision)
 
 
-def test_vq_encode_leading_dims_and_empty():
-    x = torch.randn(3, 5, 48, device=DEV, dtype=F16)
-    cb = torch.randn(3, 10, 16, device=DEV)
-    codes, err = astra_kernels.vq_encode(x, cb, return_error=True)
-    assert codes.shape == (3, 5, 3) and err.shape == (3, 5)
-    chosen = _check_codes(x.reshape(15, 48), cb, codes.reshape(15, 3), "fp32")
-    torch.testing.assert_close(err.reshape(15), chosen.sum(-1).float(), rtol=1e-5, atol=1e-5)
-    codes, err = astra_kernels.vq_encode(torch.randn(0, 48, device=DEV), cb, return_error=True)
-    assert codes.shape == (0, 3) and err.shape == (0,)
-
-
-# ---------------------------------------------------------------------------
-# pack_codes / unpack_codes
-# ---------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", list(range(1, 17)))
-def test_pack_unpack_round_trip(bits):
-    for shape in [(0,), (1,), (7,), (8,), (9,), (3, 333), (2, 1025, 3)]:
-        codes = torch.randint(0, 1 << bits, shape, device=DEV, dtype=torch.int32)
-        payload = astra_kernels.pack_codes(codes, bits)
-        n = codes.numel()
-        assert payload.dtype == torch.uint8 and payload.shape == ((n * bits + 7) // 8,)
-        assert torch.equal(payload, reference.pack_codes(codes, bits)), shape
-        back = astra_kernels.unpack_codes(payload, shape, bits)
-        assert back.dtype == torch.int32 and torch.equal(back, codes), shape
-
-
-@pytest.mark.parametrize("bits", [1, 3, 7, 10, 13, 16])
-def test_unpack_arbitrary_payload(bits):
-    # Any payload of the right length decodes as the reference does (padding ignored).
-    for n in [1, 5, 8, 1001]:
-        nbytes = (n * bits + 7) // 8
-        payload = torch.randint(0, 256, (nbytes,), device=DEV, dtype=torch.uint8)
-        got = astra_kernels.unpack_codes(payload, (n,), bits)
-        assert torch.equal(got, reference.unpack_codes(payload, (n,), bits))
-
-
 # ---------------------------------------------------------------------------
 # mixed_attention
 # ---------------------------------------------------------------------------
-# Absolute slack: half an ulp of the output dtype at 1 (scaled by the largest output
-# below), so rounding the result to the output dtype alone never fails a test.
-ATOL_OUT = {F32: 1e-5, F16: 2.0 ** -11, BF16: 2.0 ** -8}
-ATOL_LSE = {F32: 1e-5, F16: 1e-3, BF16: 1e-2}
-
-
 def _positions(kind, Tq, Tl, Tr, gen):
     """(q_pos, kv_pos, remote_pos) int64; 'interleaved': 3 devices own every third token."""
     if kind == "interleaved":
@@ -204,32 +144,10 @@ def _case(dtype, d, *, B=2, H=4, Hkv=2, Tq=97, Tl=130, Tr=70, remote="codes", G=
     return kw
 
 
-def _to64(kw):
-    return {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-            for n, t in kw.items()}
-
-
-def _check_attention(kw):
-    q = kw["q"]
-    dtype = q.dtype
+def _check_attention(kw, what=""):
+    """Run the kernel on ``kw`` and judge it by :func:`tests.oracles.check_mixed_attention`."""
     out, lse = astra_kernels.mixed_attention(**kw)
-    assert out.dtype == dtype and out.shape == q.shape
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-    truth_out, truth_lse = reference.mixed_attention(**_to64(kw))
-    ref_out, ref_lse = reference.mixed_attention(**kw, upcast=False)
-
-    assert torch.isfinite(out).all()
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(truth_lse)), "rows that see no key"
-    assert not torch.isnan(lse).any() and not torch.isposinf(lse).any()
-    err = (out.double() - truth_out).abs().max().item()
-    ref_err = (ref_out.double() - truth_out).abs().max().item()
-    atol = ATOL_OUT[dtype] * max(1.0, truth_out.abs().max().item())
-    assert err <= 2 * ref_err + atol, f"out error {err:.3g} vs reference {ref_err:.3g}"
-    fin = torch.isfinite(truth_lse)
-    if fin.any():
-        lerr = (lse[fin].double() - truth_lse[fin].double()).abs().max().item()
-        ref_lerr = (ref_lse[fin].double() - truth_lse[fin].double()).abs().max().item()
-        assert lerr <= 2 * ref_lerr + ATOL_LSE[dtype], f"lse error {lerr:.3g} vs {ref_lerr:.3g}"
+    check_mixed_attention((out, lse), **kw, what=f"cuda {what}")
     return out, lse
 
 
@@ -248,7 +166,7 @@ ATTN_CONFIGS = {
 @pytest.mark.parametrize("d", [32, 64, 80, 128])
 @pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["fp16", "bf16", "fp32"])
 def test_mixed_attention_matches_reference(dtype, d, config):
-    _check_attention(_case(dtype, d, **ATTN_CONFIGS[config]))
+    _check_attention(_case(dtype, d, **ATTN_CONFIGS[config]), f"{config} d={d}")
 
 
 # Head dims padded to the next tensor-core tile (8, 40, 96), and ones served by the
@@ -296,51 +214,25 @@ def test_mixed_attention_out_of_range_codes_are_missing(dtype):
         out, lse = astra_kernels.mixed_attention(**kw)
     finally:
         astra_kernels.set_code_checks(True)
+    check_mixed_attention((out, lse), **kw, what="cuda out-of-range codes")
+    # bitwise the same as marking them -1
     expected = dict(kw, codes=torch.where((codes < 0) | (codes >= 10), -1, codes))
-    exp_out, exp_lse = _check_attention(expected)
+    exp_out, exp_lse = astra_kernels.mixed_attention(**expected)
     torch.testing.assert_close(out, exp_out, rtol=0, atol=0)
     torch.testing.assert_close(lse, exp_lse, rtol=0, atol=0)
 
 
-def test_mixed_attention_no_keys():
-    kw = _case(F16, 64, remote="codes", Tl=0, Tr=0)
-    out, lse = astra_kernels.mixed_attention(**kw)
-    assert (out == 0).all() and torch.isneginf(lse).all()
-
-
-# ---------------------------------------------------------------------------
-# merge_attention
-# ---------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(2, 4, 97, 64), (5, 80), (3, 0), (1, 1)], ids=str)
+# RoPE on remote keys: the generic kernel serves every dtype (fp16/bf16 leave the
+# tensor-core kernel); full and partial rotary, codes G = 1 / 2 with lost tokens, dense.
+@pytest.mark.parametrize("remote,G", [("codes", 1), ("codes", 2), ("dense", 1)])
+@pytest.mark.parametrize("d,R", [(64, 64), (64, 32), (128, 128), (128, 64)])
 @pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["fp16", "bf16", "fp32"])
-def test_merge_attention_matches_reference(dtype, shape):
-    out_a = torch.randn(shape, device=DEV).to(dtype)
-    out_b = torch.randn(shape, device=DEV).to(dtype)
-    lse_a = torch.randn(shape[:-1], device=DEV) * 3
-    lse_b = torch.randn(shape[:-1], device=DEV) * 3
-    flat_a, flat_b = lse_a.view(-1), lse_b.view(-1)
-    if flat_a.numel() >= 3:
-        flat_a[0] = float("-inf")                              # only b
-        flat_b[1] = float("-inf")                              # only a
-        flat_a[2] = flat_b[2] = float("-inf")                  # neither: zeros, -inf
-    out, lse = astra_kernels.merge_attention(out_a, lse_a, out_b, lse_b)
-    ref_out, ref_lse = reference.merge_attention(out_a, lse_a, out_b, lse_b)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(lse, ref_lse)
-
-
-@pytest.mark.parametrize("dtype", [F16, F32], ids=["fp16", "fp32"])
-def test_merged_partials_equal_full_attention(dtype):
-    # Local-only and remote-only partial attentions merge into the full one.
-    kw = _case(dtype, 64, remote="codes", G=2, K=30, causal="interleaved", missing=0.1)
-    full_out, full_lse = astra_kernels.mixed_attention(**kw)
-    local = {n: t for n, t in kw.items() if n not in ("codes", "pk", "pv", "remote_pos")}
-    out_l, lse_l = astra_kernels.mixed_attention(**local)
-    empty = kw["k"][:, :, :0]
-    remote = dict(kw, k=empty, v=empty, kv_pos=kw["kv_pos"][:0])
-    out_r, lse_r = astra_kernels.mixed_attention(**remote)
-    out, lse = astra_kernels.merge_attention(out_l, lse_l, out_r, lse_r)
-    tol = dict(rtol=2e-3, atol=2e-3) if dtype == F16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, full_out, **tol)
-    torch.testing.assert_close(lse, full_lse, **tol)
+def test_mixed_attention_rope(dtype, d, R, remote, G):
+    Tr = 70
+    kw = _case(dtype, d, H=9, Hkv=3, remote=remote, G=G, K=10, Tr=Tr, missing=0.1,
+               causal="interleaved")
+    pos = (torch.arange(Tr) * 3 + 11 * torch.arange(2)[:, None]).double()
+    ang = pos[..., None] / 10000 ** (torch.arange(0, R, 2).double() / R)
+    ang = torch.cat([ang, ang], -1)
+    kw.update(rope_cos=ang.cos().float().to(DEV), rope_sin=ang.sin().float().to(DEV))
+    _check_attention(kw, f"rope d={d} R={R} {remote} G={G}")

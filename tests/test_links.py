@@ -99,17 +99,18 @@ def test_virtual_clock_advances_on_waits_only_forward():
 
 def _astra_namespaces():
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [l.split()[0] for l in out.splitlines() if l.startswith("astra")]
+    return [ln.split()[0] for ln in out.splitlines() if ln.startswith("astra")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(netns_supported() is not None, reason=str(netns_supported()))
 def test_netns_link_runs_and_cleans_up():
-    from astra.bench import e2e
+    from astra.catalog import factories
     from astra.parallel.netns import NetnsLab
     from astra.parallel.runner import Job, ModelSpec, launch
     before = set(_astra_namespaces())
     x = torch.randint(0, 97, (2, 20))
-    spec = ModelSpec(e2e.tiny_gpt2)
+    spec = ModelSpec(factories.tiny_gpt2)
     ref = spec.build()(x).logits
     lk = LinkModel(10.0, latency_ms=1.0)
     with NetnsLab(2, 10.0) as lab:

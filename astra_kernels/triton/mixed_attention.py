@@ -29,6 +29,13 @@ first over the local K/V tiles, then over the remote part in one of four forms
    to the gather loop with per-key causal masks. So one launch serves interleaved
    positions exactly.
 
+RoPE (``HAS_ROPE``, a compile-time switch; modes 1 and 2): each remote key tile is
+rotated on its first ``R`` dims after it is loaded (mode 2: summed and rounded to the
+table dtype): the ``rotate_half`` partner of dim ``i`` (``i +- R/2``) is loaded as a
+second tile from the same rows, and ``k * cos + sign * partner * sin`` runs in fp32,
+rounded to the table dtype. Codebook space (mode 3) is never used with rope: rotated
+keys depend on the position (:func:`choose_remote_path`).
+
 Rows that see no key keep ``m = -inf``; the update uses ``m_safe = 0`` then, so
 ``-inf - -inf`` never happens; they end with zeros and ``lse = -inf``. Head dims are
 padded to a power of two with masks (d = 80 runs as 128). fp32 inputs use
@@ -87,10 +94,35 @@ def _softmax_update(acc, m_i, l_i, q, kt, v, s_bias, qk_scale, IS_FP32: tl.const
 
 
 @triton.jit
+def _rope_kt(kt, kt_partner, cos_base, sin_base, offs_n, ok, offs_d, R):
+    """RoPE of a K^T tile ``[D, N]`` on dims ``< R``: ``kt * cos + sign * partner * sin``
+    in fp32 (``partner`` holds dim ``i + R/2`` for ``i < R/2``, ``i - R/2`` above, sign
+    -1 / +1: HF's ``rotate_half``), rounded to ``kt``'s dtype. ``cos_base/sin_base``
+    point at the tile's batch row of ``[Tr, R]`` fp32."""
+    rot = offs_d < R
+    msk = ok[None, :] & rot[:, None]
+    cs_off = offs_n[None, :].to(tl.int64) * R + offs_d[:, None]
+    c = tl.load(cos_base + cs_off, mask=msk, other=1.0)
+    s = tl.load(sin_base + cs_off, mask=msk, other=0.0)
+    sign = tl.where(offs_d < R // 2, -1.0, 1.0)
+    out = kt.to(tl.float32) * c + sign[:, None] * kt_partner.to(tl.float32) * s
+    return out.to(kt.dtype)
+
+
+@triton.jit
+def _rope_partner(offs_d, R):
+    """The ``rotate_half`` partner of each dim (``i +- R/2``; dims >= R: themselves)."""
+    half = R // 2
+    return tl.where(offs_d < half, offs_d + half, tl.where(offs_d < R, offs_d - half, offs_d))
+
+
+@triton.jit
 def _attend_dense(acc, m_i, l_i, q, qpos, q_max, k_base, v_base, pos_ptr, T, qk_scale,
-                  offs_d, d_mask, HEAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                  IS_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys/values stored densely as ``[T, HEAD_D]`` rows (local, or materialized remote)."""
+                  offs_d, d_mask, cos_base, sin_base, R,
+                  HEAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  IS_FP32: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """Keys/values stored densely as ``[T, HEAD_D]`` rows (local, or materialized remote;
+    ``HAS_ROPE``: remote keys rotated by ``cos_base/sin_base [T, R]``)."""
     for n0 in range(0, T, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < T
@@ -99,6 +131,11 @@ def _attend_dense(acc, m_i, l_i, q, qpos, q_max, k_base, v_base, pos_ptr, T, qk_
             if tl.min(kpos, 0) <= q_max:  # skip tiles no query here can see
                 kt = tl.load(k_base + offs_n[None, :] * HEAD_D + offs_d[:, None],
                              mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+                if HAS_ROPE:
+                    kp = tl.load(k_base + offs_n[None, :] * HEAD_D
+                                 + _rope_partner(offs_d, R)[:, None],
+                                 mask=n_mask[None, :] & (offs_d < R)[:, None], other=0.0)
+                    kt = _rope_kt(kt, kp, cos_base, sin_base, offs_n, n_mask, offs_d, R)
                 v = tl.load(v_base + offs_n[:, None] * HEAD_D + offs_d[None, :],
                             mask=n_mask[:, None] & d_mask[None, :], other=0.0)
                 vis = n_mask[None, :] & (kpos[None, :] <= qpos[:, None])
@@ -108,6 +145,11 @@ def _attend_dense(acc, m_i, l_i, q, qpos, q_max, k_base, v_base, pos_ptr, T, qk_
         else:
             kt = tl.load(k_base + offs_n[None, :] * HEAD_D + offs_d[:, None],
                          mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+            if HAS_ROPE:
+                kp = tl.load(k_base + offs_n[None, :] * HEAD_D
+                             + _rope_partner(offs_d, R)[:, None],
+                             mask=n_mask[None, :] & (offs_d < R)[:, None], other=0.0)
+                kt = _rope_kt(kt, kp, cos_base, sin_base, offs_n, n_mask, offs_d, R)
             v = tl.load(v_base + offs_n[:, None] * HEAD_D + offs_d[None, :],
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             bias = tl.where(n_mask, 0.0, float("-inf"))[None, :]
@@ -117,15 +159,20 @@ def _attend_dense(acc, m_i, l_i, q, qpos, q_max, k_base, v_base, pos_ptr, T, qk_
 
 @triton.jit
 def _attend_gather(acc, m_i, l_i, q, qpos, q_max, pk_ptr, pv_ptr, codes_ptr, pos_ptr,
-                   b, hkv, Tr, G, K, HKV, qk_scale, offs_d, d_mask,
+                   b, hkv, Tr, G, K, HKV, qk_scale, offs_d, d_mask, cos_base, sin_base, R,
                    HEAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_FP32: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Remote keys/values summed over groups from the projected codebooks by code."""
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """Remote keys/values summed over groups from the projected codebooks by code
+    (``HAS_ROPE``: keys then rotated by ``cos_base/sin_base [Tr, R]``)."""
+    partner = offs_d
+    if HAS_ROPE:
+        partner = _rope_partner(offs_d, R)
     for n0 in range(0, Tr, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Tr
         ok = n_mask
         kt = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+        kp = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
         v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         code_row = codes_ptr + (b * Tr + offs_n).to(tl.int64) * G
         for g in range(G):
@@ -134,11 +181,18 @@ def _attend_gather(acc, m_i, l_i, q, qpos, q_max, pk_ptr, pv_ptr, codes_ptr, pos
             row = ((g * K + tl.where(ok, c, 0)).to(tl.int64) * HKV + hkv) * HEAD_D
             kt += tl.load(pk_ptr + row[None, :] + offs_d[:, None],
                           mask=ok[None, :] & d_mask[:, None], other=0.0).to(tl.float32)
+            if HAS_ROPE:
+                kp += tl.load(pk_ptr + row[None, :] + partner[:, None],
+                              mask=ok[None, :] & (offs_d < R)[:, None],
+                              other=0.0).to(tl.float32)
             v += tl.load(pv_ptr + row[:, None] + offs_d[None, :],
                          mask=ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         # fp32 sum rounded to the table dtype, as the reference dequantizes
         kt = kt.to(pk_ptr.dtype.element_ty)
         v = v.to(pv_ptr.dtype.element_ty)
+        if HAS_ROPE:
+            kt = _rope_kt(kt, kp.to(pk_ptr.dtype.element_ty), cos_base, sin_base, offs_n, ok,
+                          offs_d, R)
         vis = ok[None, :]
         if IS_CAUSAL:
             rpos = tl.load(pos_ptr + offs_n, mask=n_mask, other=_POS_BIG)
@@ -188,12 +242,14 @@ def _mixed_attention_fwd_kernel(
         codes_ptr,                      # int32 [B, Tr, G] (modes 2/3)
         cnt_ptr,                        # mode 3: fp32 code counts [B, K]
         qpos_ptr, kvpos_ptr, rpos_ptr, rminmax_ptr,  # int64 positions; [min, max] remote pos
+        cos_ptr, sin_ptr,               # HAS_ROPE: fp32 [B or 1, Tr, R]
         out_ptr, lse_ptr,               # [B, H, Tq, D] q.dtype, [B, H, Tq] fp32
         qk_scale,                       # scale * log2(e)
         H, HKV, Tq, Tl, Tr, G, K,
+        ROPE_R, ROPE_BS,                # HAS_ROPE: rotary dims, batch stride of cos/sin
         TQ_BKT, TKV_BKT,                # autotune keys only (log2 buckets)
         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, REMOTE_MODE: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, IS_FP32: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, HAS_ROPE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # 1-D grid, query tiles of one (b, h) adjacent (they share K/V in L2); no 65535
     # limit on B * H as a second grid axis would have
@@ -228,14 +284,18 @@ def _mixed_attention_fwd_kernel(
     kv_off = (b * HKV + hkv).to(tl.int64) * Tl * HEAD_D
     acc, m_i, l_i = _attend_dense(acc, m_i, l_i, q, qpos, q_max, k_ptr + kv_off,
                                   v_ptr + kv_off, kvpos_ptr, Tl, qk_scale, offs_d, d_mask,
-                                  HEAD_D, IS_CAUSAL, IS_FP32, BLOCK_N)
+                                  cos_ptr, sin_ptr, 0, HEAD_D, IS_CAUSAL, IS_FP32, BLOCK_N,
+                                  False)
+    cos_b = cos_ptr + b.to(tl.int64) * ROPE_BS  # this batch's rows of cos/sin [Tr, R]
+    sin_b = sin_ptr + b.to(tl.int64) * ROPE_BS
 
     # -- remote keys
     if REMOTE_MODE == 1:
         r_off = (b * HKV + hkv).to(tl.int64) * Tr * HEAD_D
         acc, m_i, l_i = _attend_dense(acc, m_i, l_i, q, qpos, q_max, rk_ptr + r_off,
                                       rv_ptr + r_off, rpos_ptr, Tr, qk_scale, offs_d,
-                                      d_mask, HEAD_D, IS_CAUSAL, IS_FP32, BLOCK_N)
+                                      d_mask, cos_b, sin_b, ROPE_R, HEAD_D, IS_CAUSAL, IS_FP32,
+                                      BLOCK_N, HAS_ROPE)
     elif REMOTE_MODE == 2:
         run = True
         if IS_CAUSAL:
@@ -243,8 +303,9 @@ def _mixed_attention_fwd_kernel(
         if run:
             acc, m_i, l_i = _attend_gather(acc, m_i, l_i, q, qpos, q_max, rk_ptr, rv_ptr,
                                            codes_ptr, rpos_ptr, b, hkv, Tr, G, K, HKV,
-                                           qk_scale, offs_d, d_mask, HEAD_D, IS_CAUSAL,
-                                           IS_FP32, BLOCK_N, BLOCK_D)
+                                           qk_scale, offs_d, d_mask, cos_b, sin_b, ROPE_R,
+                                           HEAD_D, IS_CAUSAL, IS_FP32, BLOCK_N, BLOCK_D,
+                                           HAS_ROPE)
     elif REMOTE_MODE == 3:
         if IS_CAUSAL:
             r_min = tl.load(rminmax_ptr)
@@ -256,8 +317,9 @@ def _mixed_attention_fwd_kernel(
             elif r_min <= q_max:  # visibility depends on the query: per-key masks
                 acc, m_i, l_i = _attend_gather(acc, m_i, l_i, q, qpos, q_max, rk_ptr,
                                                rv_ptr, codes_ptr, rpos_ptr, b, hkv, Tr, G,
-                                               K, HKV, qk_scale, offs_d, d_mask, HEAD_D,
-                                               IS_CAUSAL, IS_FP32, BLOCK_N, BLOCK_D)
+                                               K, HKV, qk_scale, offs_d, d_mask, cos_b, sin_b,
+                                               0, HEAD_D, IS_CAUSAL, IS_FP32, BLOCK_N,
+                                               BLOCK_D, False)
         else:
             acc, m_i, l_i = _attend_codebook(acc, m_i, l_i, q, rk_ptr, rv_ptr, cnt_ptr, b,
                                              hkv, K, HKV, qk_scale, offs_d, d_mask, HEAD_D,
@@ -274,7 +336,7 @@ def _mixed_attention_fwd_kernel(
 
 
 # One jit kernel, tuned separately for 16-bit and fp32 inputs.
-_ATTN_KEY = ["TQ_BKT", "TKV_BKT", "HEAD_D", "REMOTE_MODE", "IS_CAUSAL"]
+_ATTN_KEY = ["TQ_BKT", "TKV_BKT", "HEAD_D", "REMOTE_MODE", "IS_CAUSAL", "HAS_ROPE"]
 _mixed_attention_fwd_tuned = triton.autotune(configs=_attn_configs(False),
                                              key=_ATTN_KEY)(_mixed_attention_fwd_kernel)
 _mixed_attention_fwd_fp32_tuned = triton.autotune(configs=_attn_configs(True),
@@ -297,13 +359,24 @@ def code_counts(codes: Tensor, K: int) -> Tensor:
     return cnt
 
 
-def choose_remote_path(G: int, K: int, Tr: int, remote_path: str = "auto") -> str:
+def choose_remote_path(G: int, K: int, Tr: int, remote_path: str = "auto",
+                       rope: bool = False) -> str:
     """``"codebook"`` or ``"gather"`` for code inputs. Cost rule: codebook space reads
     ``K`` codeword rows instead of ``Tr`` rows summed over ``G`` tables, plus one tiny
-    counting launch; it pays when ``G == 1`` and ``K < Tr``."""
+    counting launch; it pays when ``G == 1`` and ``K < Tr``. With ``rope`` (rotated
+    keys differ per position) only the gather path is exact: ``"auto"`` (and the
+    ``ASTRA_TRITON_REMOTE_PATH`` default) gives it, an explicit ``"codebook"`` raises."""
+    explicit = remote_path
     if remote_path == "auto":
         remote_path = REMOTE_PATH
+    if rope and remote_path in ("auto", "gather"):
+        return "gather"
     if remote_path == "codebook":
+        if rope:
+            if explicit == "auto":  # the environment default: rope needs the gather path
+                return "gather"
+            raise ValueError("the codebook-space path cannot serve rotated (RoPE) remote "
+                             "keys; use remote_path='gather' or 'auto'")
         if G != 1:
             raise ValueError(f"the codebook-space path needs G == 1, got G={G}")
         return "codebook"
@@ -321,9 +394,11 @@ def mixed_attention_triton(q: Tensor, k: Tensor, v: Tensor, codes: Tensor | None
                            kv_pos: Tensor | None = None,
                            remote_pos: Tensor | None = None,
                            scale: float | None = None,
+                           rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
                            remote_path: str = "auto") -> tuple[Tensor, Tensor]:
     """Launcher; inputs follow the kernel contract in :mod:`astra_kernels.ops`.
-    ``remote_path`` ("auto" | "gather" | "codebook") forces the code path."""
+    ``remote_path`` ("auto" | "gather" | "codebook") forces the code path; with
+    ``rope_cos``/``rope_sin`` it is always the gather path."""
     B, H, Tq, D = q.shape
     HKV, Tl = k.shape[1], k.shape[2]
     dev = q.device
@@ -345,7 +420,7 @@ def mixed_attention_triton(q: Tensor, k: Tensor, v: Tensor, codes: Tensor | None
     if codes is not None and codes.shape[1] > 0:
         G, K, Tr = pk.shape[0], pk.shape[1], codes.shape[1]
         rk, rv, codes_t = pk, pv, codes
-        if choose_remote_path(G, K, Tr, remote_path) == "codebook":
+        if choose_remote_path(G, K, Tr, remote_path, rope_cos is not None) == "codebook":
             mode = 3
             cnt = code_counts(codes, K)
         else:
@@ -353,6 +428,12 @@ def mixed_attention_triton(q: Tensor, k: Tensor, v: Tensor, codes: Tensor | None
     elif remote_k is not None and remote_k.shape[2] > 0:
         mode, Tr = 1, remote_k.shape[2]
         rk, rv = remote_k, remote_v
+
+    rope = mode in (1, 2) and rope_cos is not None
+    cs, sn, rope_r, rope_bs = f32, f32, 0, 0
+    if rope:
+        cs, sn, rope_r = rope_cos, rope_sin, rope_cos.shape[2]
+        rope_bs = 0 if rope_cos.shape[0] == 1 else Tr * rope_r
 
     qp = kp = rp = rmm = i64
     if causal:
@@ -370,11 +451,11 @@ def mixed_attention_triton(q: Tensor, k: Tensor, v: Tensor, codes: Tensor | None
     fp32 = q.dtype == torch.float32
     kernel = _mixed_attention_fwd_fp32_tuned if fp32 else _mixed_attention_fwd_tuned
     launcher(kernel, q)[grid](
-        q, k, v, rk, rv, codes_t, cnt, qp, kp, rp, rmm, out, lse,
+        q, k, v, rk, rv, codes_t, cnt, qp, kp, rp, rmm, cs, sn, out, lse,
         float(scale) * 1.4426950408889634,
-        H, HKV, Tq, Tl, Tr, G, K, _bucket(Tq), _bucket(kv_eff),
+        H, HKV, Tq, Tl, Tr, G, K, rope_r, rope_bs, _bucket(Tq), _bucket(kv_eff),
         HEAD_D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), REMOTE_MODE=mode,
-        IS_CAUSAL=bool(causal), IS_FP32=fp32)
+        IS_CAUSAL=bool(causal), IS_FP32=fp32, HAS_ROPE=rope)
     return out, lse
 
 

@@ -32,7 +32,11 @@
 //   takes the gather loop with per-key masks.
 // Otherwise remote keys come from codes (gathered from the projected codebooks pk/pv
 // into a per-tile scratch, sum over groups in fp32, rounded to the table dtype as
-// the reference does) or from materialized remote_k/remote_v. With several query
+// the reference does) or from materialized remote_k/remote_v.
+// RoPE (rope_cos/rope_sin given): each remote key row of the tile scratch is rotated
+// on its first R dims in fp32 (rope_row) and rounded to the table dtype, before the
+// transpose; a per-tile branch, so the path without rope is unchanged. Rotated keys
+// depend on the position, so codebook space is never used with rope. With several query
 // tiles per head, each thread keeps the gathered tiles of its current head (items
 // are ordered by head; at most 32 MiB per thread) so they are gathered once per head
 // and thread, not once per query tile; no B x Hkv x Tr table is materialized.
@@ -89,6 +93,9 @@ struct AttnParams {
   const scalar_t *pk, *pv;              // [G,K,Hkv,d]
   const scalar_t *rk, *rv;              // [B,Hkv,Tr,d]
   const int64_t *q_pos, *kv_pos, *remote_pos;  // causal only
+  const float *rope_cos = nullptr, *rope_sin = nullptr;  // [B or 1, Tr, R] fp32
+  int64_t rope_R = 0;       // rotary dims of remote keys; 0: no rope
+  int64_t rope_bstride = 0;  // Tr * R, or 0 when cos/sin are shared by the batch
   int64_t B, H, Hkv, Tq, Tl, Tr, d, G, K;
   bool causal;
   float scale;
@@ -101,6 +108,23 @@ struct AttnParams {
   bool dp = false;  // bf16 inputs: VDPBF16PS GEMMs on VNNI tiles (else fp32 tile_gemm)
   bool cache_gather = false;  // several query tiles per head: keep gathered remote tiles
 };
+
+// x[:R] = x[:R] * c + rotate_half(x[:R]) * s, rotate_half(x) = (-x[R/2:], x[:R/2]).
+inline void rope_row(float* x, const float* c, const float* s, int64_t R) {
+  constexpr int64_t kV = fVec::size();
+  const int64_t h = R / 2;
+  int64_t i = 0;
+  for (; i + kV <= h; i += kV) {
+    const fVec x1 = fVec::loadu(x + i), x2 = fVec::loadu(x + h + i);
+    (x1 * fVec::loadu(c + i) - x2 * fVec::loadu(s + i)).store(x + i);
+    (x2 * fVec::loadu(c + h + i) + x1 * fVec::loadu(s + h + i)).store(x + h + i);
+  }
+  for (; i < h; ++i) {
+    const float x1 = x[i], x2 = x[h + i];
+    x[i] = x1 * c[i] - x2 * s[i];
+    x[h + i] = x2 * c[h + i] + x1 * s[h + i];
+  }
+}
 
 inline void scale_row(float* x, int64_t n, float a) {
   constexpr int64_t kV = fVec::size();
@@ -285,7 +309,8 @@ class AttnWorker {
           continue;
         }
         const float* v = p_.use_codes ? gather_kv(b, h, j0, bk)
-                                  : load_kv(p_.rk + r_off + j0 * d_, p_.rv + r_off + j0 * d_, bk);
+                                  : load_kv(p_.rk + r_off + j0 * d_, p_.rv + r_off + j0 * d_, bk,
+                                            p_.rope_R > 0 ? b : -1, j0);
         attend(kt_operand(), v, bk, need_mask, nullptr);
       }
     }
@@ -362,17 +387,22 @@ class AttnWorker {
   }
 
   // K rows [bk, d] -> kt_ (fp32, transposed); returns V rows in fp32 [bk, d].
-  const float* load_kv(const scalar_t* k, const scalar_t* v, int64_t bk) {
+  // rope_b >= 0: the rows are remote keys j0 .. j0+bk-1 of batch rope_b, rotated first.
+  const float* load_kv(const scalar_t* k, const scalar_t* v, int64_t bk, int64_t rope_b = -1,
+                       int64_t j0 = 0) {
     const float* kf;
     const float* vf;
     if constexpr (std::is_same_v<scalar_t, float>) {
       kf = k;
       vf = v;
     } else {
-      cpu::to_f32(k, kf_, bk * d_);
       cpu::to_f32(v, vf_, bk * d_);
-      kf = kf_;
       vf = vf_;
+    }
+    if (rope_b >= 0 || !std::is_same_v<scalar_t, float>) {
+      cpu::to_f32(k, kf_, bk * d_);
+      kf = kf_;
+      if (rope_b >= 0) rope_rows(rope_b, j0, bk);
     }
     if (p_.dp) return pack_dp(kf, vf, bk);
     at::vec::transpose_mxn<float>(kf, d_, kt_, kKeyTile, static_cast<int>(bk),
@@ -415,10 +445,25 @@ class AttnWorker {
         cpu::round_through<scalar_t>(vr, d_);
       }
     }
+    if (p_.rope_R > 0) rope_rows(b, j0, bk);
     if (p_.dp) return pack_dp(kf_, vf_, bk);
     at::vec::transpose_mxn<float>(kf_, d_, kt_, kKeyTile, static_cast<int>(bk),
                                   static_cast<int>(d_));
     return vf_;
+  }
+
+  // Rotates the remote key rows kf_[0:bk] (keys j0 .. j0+bk-1 of batch b) on their
+  // first R dims in fp32, then rounds them to the table dtype as the reference does.
+  // Missing keys stay zero (their rows are masked).
+  void rope_rows(int64_t b, int64_t j0, int64_t bk) {
+    const int64_t R = p_.rope_R;
+    const int64_t off = b * p_.rope_bstride + j0 * R;
+    for (int64_t j = 0; j < bk; ++j) {
+      if (!ok_[j]) continue;
+      float* kr = kf_ + j * d_;
+      rope_row(kr, p_.rope_cos + off + j * R, p_.rope_sin + off + j * R, R);
+      cpu::round_through<scalar_t>(kr, R);
+    }
   }
 
   // kt: K^T tile [d][kKeyTile]; v: V rows [bk][d]; bias: per-key score bias or nullptr.
@@ -639,7 +684,7 @@ void mixed_attention_kernel(AttnParams<scalar_t>& p) {
   }
   // Remote keys in codebook space where that is exact and has fewer keys.
   KeyTable codebook;
-  if (p.use_codes && p.G == 1 && p.Tr > 0) {
+  if (p.use_codes && p.G == 1 && p.Tr > 0 && p.rope_R == 0) {
     bool some_tile = true;  // causal: only tiles whose queries all follow every remote token
     if (p.causal) {
       p.rmin = *std::min_element(p.remote_pos, p.remote_pos + p.Tr);
@@ -679,6 +724,21 @@ void check_positions(const OptTensor& pos, int64_t n, const char* name) {
                   pos->numel() == n,
               "mixed_attention: ", name, " must be contiguous int64 [", n, "], got ",
               pos->scalar_type(), " ", pos->sizes());
+}
+
+void check_rope(const Tensor& cos, const OptTensor& sin, int64_t B, int64_t Tr, int64_t d) {
+  TORCH_CHECK(sin.has_value() && sin->defined(), "mixed_attention: rope_cos needs rope_sin");
+  TORCH_CHECK(cos.device().is_cpu() && sin->device().is_cpu(),
+              "mixed_attention: rope_cos, rope_sin must be CPU tensors");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.dim() == 3 && cos.is_contiguous() &&
+                  sin->scalar_type() == at::kFloat && sin->is_contiguous() &&
+                  sin->sizes() == cos.sizes(),
+              "mixed_attention: rope_cos, rope_sin must be contiguous float32 of one shape");
+  const int64_t R = cos.size(2);
+  TORCH_CHECK((cos.size(0) == B || cos.size(0) == 1) && cos.size(1) == Tr && R % 2 == 0 &&
+                  R >= 2 && R <= d,
+              "mixed_attention: rope_cos must be [B or 1, Tr=", Tr, ", R] with R even in [2, ",
+              d, "], got ", cos.sizes());
 }
 
 void merge_row(const float* a, float wa, const float* b, float wb, float* o, int64_t d) {
@@ -728,7 +788,8 @@ std::tuple<Tensor, Tensor> mixed_attention_cpu(
     const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& codes,
     const OptTensor& pk, const OptTensor& pv, const OptTensor& remote_k,
     const OptTensor& remote_v, bool causal, const OptTensor& q_pos,
-    const OptTensor& kv_pos, const OptTensor& remote_pos, c10::optional<double> scale) {
+    const OptTensor& kv_pos, const OptTensor& remote_pos, c10::optional<double> scale,
+    const OptTensor& rope_cos, const OptTensor& rope_sin) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "mixed_attention: q, k, v must be 4-D");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
@@ -782,6 +843,10 @@ std::tuple<Tensor, Tensor> mixed_attention_cpu(
     check_positions(kv_pos, Tl, "kv_pos");
     if (Tr > 0) check_positions(remote_pos, Tr, "remote_pos");
   }
+  const bool has_rope = Tr > 0 && rope_cos.has_value() && rope_cos->defined();
+  TORCH_CHECK(has_rope || Tr == 0 || !(rope_sin.has_value() && rope_sin->defined()),
+              "mixed_attention: rope_sin needs rope_cos");
+  if (has_rope) check_rope(*rope_cos, rope_sin, B, Tr, d);
 
   Tensor out = at::empty_like(q);
   Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
@@ -809,6 +874,12 @@ std::tuple<Tensor, Tensor> mixed_attention_cpu(
     }
     p.B = B, p.H = H, p.Hkv = Hkv, p.Tq = Tq, p.Tl = Tl, p.Tr = Tr, p.d = d, p.G = G, p.K = K;
     p.causal = causal;
+    if (has_rope) {
+      p.rope_cos = rope_cos->data_ptr<float>();
+      p.rope_sin = rope_sin->data_ptr<float>();
+      p.rope_R = rope_cos->size(2);
+      p.rope_bstride = rope_cos->size(0) == 1 ? 0 : Tr * p.rope_R;
+    }
     p.scale = sc;
     p.out = out.data_ptr<scalar_t>();
     p.lse = lse.data_ptr<float>();

@@ -24,7 +24,11 @@
 // - attn_generic_kernel<T> (any dtype, d <= 256): CUDA cores, 4 warps x 4 query
 //   rows, 32-key tiles in fp32 shared memory; lane j scores key j, then the
 //   probabilities are broadcast by shuffles for P V. The fp32 path, and the
-//   fallback for head dims / alignments the tensor-core kernel does not take.
+//   fallback for head dims / alignments the tensor-core kernel does not take,
+//   and the kernel for RoPE (rope_cos/rope_sin): once a warp has written a remote
+//   key row to shared memory (summed and rounded to T), its lanes rotate the row's
+//   first R dims in pairs (i, i + R/2) in fp32 and round them to T again, as the
+//   reference does. Codebook space does not exist here, so nothing else changes.
 #include "common.cuh"
 
 #include <climits>
@@ -52,6 +56,10 @@ struct AttnParams {
   int remote;  // 0: no remote keys, 1: codes + tables, 2: dense remote_k/remote_v
   int causal;
   float scale_log2;  // scale * log2(e)
+  const float* rope_cos;  // [B or 1, Tr, R] fp32 (rope_R > 0)
+  const float* rope_sin;
+  int rope_R;           // rotary dims of remote keys; 0: no rope
+  int64_t rope_bs;      // batch stride of rope_cos/rope_sin: Tr * R, or 0 (shared)
 };
 
 // Where remote row `key` (< Tr) of batch b comes from. For codes, ok is false
@@ -483,6 +491,18 @@ __global__ void __launch_bounds__(kGenWarps * 32) attn_generic_kernel(const Attn
         Ks[row * ldk + c] = kv;
         Vs[row * d + c] = vv;
       }
+      if (remote && ok && p.rope_R > 0) {
+        // k[:R] = k[:R] * cos + rotate_half(k[:R]) * sin; lane pairs (c, c + R/2)
+        __syncwarp();  // the row was written by this warp's lanes
+        const int hr = p.rope_R / 2;
+        const int64_t cs = b * p.rope_bs + static_cast<int64_t>(key) * p.rope_R;
+        float* kr = Ks + row * ldk;
+        for (int c = lane; c < hr; c += 32) {
+          const float x1 = kr[c], x2 = kr[c + hr];
+          kr[c] = round_to<T>(x1 * p.rope_cos[cs + c] - x2 * p.rope_sin[cs + c]);
+          kr[c + hr] = round_to<T>(x2 * p.rope_cos[cs + c + hr] + x1 * p.rope_sin[cs + c + hr]);
+        }
+      }
       if (lane == 0) {
         kok[row] = ok ? 1 : 0;
         kpos[row] = (ok && p.causal) ? (remote ? p.r_pos[key] : p.kv_pos[key]) : 0;
@@ -628,7 +648,8 @@ std::tuple<at::Tensor, at::Tensor> mixed_attention_cuda(
     const c10::optional<at::Tensor>& pv, const c10::optional<at::Tensor>& remote_k,
     const c10::optional<at::Tensor>& remote_v, bool causal,
     const c10::optional<at::Tensor>& q_pos, const c10::optional<at::Tensor>& kv_pos,
-    const c10::optional<at::Tensor>& remote_pos, c10::optional<double> scale) {
+    const c10::optional<at::Tensor>& remote_pos, c10::optional<double> scale,
+    const c10::optional<at::Tensor>& rope_cos, const c10::optional<at::Tensor>& rope_sin) {
   check_cuda_tensor(q, "q");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf ||
                   q.scalar_type() == at::kBFloat16,
@@ -702,6 +723,30 @@ std::tuple<at::Tensor, at::Tensor> mixed_attention_cuda(
     TORCH_CHECK(!pk.has_value() && !pv.has_value(), "mixed_attention: pk/pv without codes");
   }
   TORCH_CHECK(Tr < INT32_MAX, "mixed_attention: too many remote tokens");
+  // RoPE on remote keys (generic kernel only)
+  const bool rope = Tr > 0 && rope_cos.has_value() && rope_cos->defined();
+  TORCH_CHECK(rope || Tr == 0 || !(rope_sin.has_value() && rope_sin->defined()),
+              "mixed_attention: rope_sin needs rope_cos");
+  if (rope) {
+    TORCH_CHECK(rope_sin.has_value() && rope_sin->defined(),
+                "mixed_attention: rope_cos needs rope_sin");
+    check_cuda_tensor(*rope_cos, "rope_cos");
+    check_cuda_tensor(*rope_sin, "rope_sin");
+    TORCH_CHECK(rope_cos->device() == q.device() && rope_sin->device() == q.device(),
+                "mixed_attention: rope_cos/rope_sin are on another device");
+    TORCH_CHECK(rope_cos->scalar_type() == at::kFloat && rope_sin->scalar_type() == at::kFloat &&
+                    rope_cos->dim() == 3 && rope_sin->sizes() == rope_cos->sizes() &&
+                    rope_cos->is_contiguous() && rope_sin->is_contiguous(),
+                "mixed_attention: rope_cos, rope_sin must be contiguous float32 of one shape");
+    const int64_t R = rope_cos->size(2);
+    TORCH_CHECK((rope_cos->size(0) == B || rope_cos->size(0) == 1) && rope_cos->size(1) == Tr &&
+                    R % 2 == 0 && R >= 2 && R <= d,
+                "mixed_attention: rope_cos must be [B or 1, Tr, R], R even in [2, d]");
+    p.rope_cos = rope_cos->data_ptr<float>();
+    p.rope_sin = rope_sin->data_ptr<float>();
+    p.rope_R = static_cast<int>(R);
+    p.rope_bs = rope_cos->size(0) == 1 ? 0 : Tr * R;
+  }
   p.Tr = static_cast<int>(Tr);
   p.causal = causal ? 1 : 0;
   if (causal) {
@@ -726,7 +771,7 @@ std::tuple<at::Tensor, at::Tensor> mixed_attention_cuda(
   cudaStream_t stream = current_stream();
 
   const bool tc = q.scalar_type() != at::kFloat && d % 8 == 0 && d <= 128 && aligned &&
-                  device_is_sm80_plus();
+                  p.rope_R == 0 && device_is_sm80_plus();
   dispatch_float_types(q.scalar_type(), "mixed_attention", [&](auto tag) {
     using T = decltype(tag);
     if constexpr (std::is_same<T, float>::value) {

@@ -97,7 +97,8 @@ void test_vq_encode() {
 void test_mixed_attention() {
   using Sig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptT&,
                                          const OptT&, const OptT&, const OptT&, const OptT&, bool,
-                                         const OptT&, const OptT&, const OptT&, c10::optional<double>);
+                                         const OptT&, const OptT&, const OptT&, c10::optional<double>,
+                                         const OptT&, const OptT&);
   auto attn = op<Sig>("astra_C::mixed_attention");
   at::manual_seed(2);
   const int64_t B = 2, H = 4, Hkv = 2, Tq = 9, Tl = 6, Tr = 11, d = 40, G = 2, K = 7;
@@ -107,9 +108,15 @@ void test_mixed_attention() {
   Tensor q_pos = at::arange(Tq, at::kLong) * 2 + 3, kv_pos = at::arange(Tl, at::kLong) * 3;
   Tensor remote_pos = at::arange(Tr, at::kLong) * 2;
   const double scale = 0.17;
-  for (bool causal : {false, true}) {
+  // RoPE of remote keys on their first R dims (partial rotary), cos/sin [1, Tr, R]
+  const int64_t R = 24;
+  Tensor ang = at::rand({1, Tr, R / 2}, at::kFloat) * 6.0;
+  Tensor rope_cos = at::cat({ang, ang}, -1).cos(), rope_sin = at::cat({ang, ang}, -1).sin();
+  for (int mode = 0; mode < 3; ++mode) {
+    const bool causal = mode > 0, rope = mode == 2;
     auto [out, lse] = attn.call(q, k, v, codes, pk, pv, c10::nullopt, c10::nullopt, causal,
-                                q_pos, kv_pos, remote_pos, scale);
+                                q_pos, kv_pos, remote_pos, scale, rope ? OptT(rope_cos) : c10::nullopt,
+                                rope ? OptT(rope_sin) : c10::nullopt);
     double max_err = 0;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h)
@@ -137,7 +144,17 @@ void test_mixed_attention() {
               if (c < 0) { missing = true; break; }
               for (int64_t j = 0; j < d; ++j) key[j] += pk[g][c][hk][j].item<double>(), val[j] += pv[g][c][hk][j].item<double>();
             }
-            if (!missing) add_key(key, val);
+            if (missing) continue;
+            if (rope) {  // key[:R] * cos + rotate_half(key[:R]) * sin
+              std::vector<double> r(key);
+              for (int64_t j = 0; j < R; ++j) {
+                const double partner = j < R / 2 ? -key[j + R / 2] : key[j - R / 2];
+                r[j] = key[j] * rope_cos[0][t][j].item<double>() +
+                       partner * rope_sin[0][t][j].item<double>();
+              }
+              key = r;
+            }
+            add_key(key, val);
           }
           double mx = -std::numeric_limits<double>::infinity(), sum = 0;
           for (double x : s) mx = std::max(mx, x);
@@ -155,7 +172,8 @@ void test_mixed_attention() {
             max_err = std::max(max_err, std::fabs(out[b][h][i][j].item<double>() - o));
           }
         }
-    EXPECT(max_err < 1e-4, "mixed_attention causal=%d max error %g", int(causal), max_err);
+    EXPECT(max_err < 1e-4, "mixed_attention causal=%d rope=%d max error %g", int(causal),
+           int(rope), max_err);
   }
 }
 
