@@ -228,12 +228,12 @@ def test_patching_one_instance_leaves_another_alone():
 # ----------------------------------------------------------------------------- errors
 
 def test_unsupported_model_lists_the_supported_ones():
-    class Llama(nn.Module):
+    class Mamba(nn.Module):
         class config:
-            model_type = "llama"
-    with pytest.raises(ValueError, match="model_type 'llama'.*supported: 'bert', 'gpt2', "
-                                         "'vit', 'timm:VisionTransformer'"):
-        astra.patch(Llama(), devices=2)
+            model_type = "mamba"
+    with pytest.raises(ValueError, match="model_type 'mamba'.*supported: 'bert', 'gpt2', "
+                                         "'vit', 'timm:VisionTransformer', 'llama'"):
+        astra.patch(Mamba(), devices=2)
     with pytest.raises(ValueError, match="does not support torch.nn.modules.linear.Linear"):
         astra.patch(nn.Linear(2, 2))
 

@@ -25,6 +25,13 @@ the projected tables; both paths compute the same function (tested).
 chunk, encodes it, exchanges codes with :meth:`Communicator.exchange` and attends to
 its own tokens at full precision and to the received ones through the codebook.
 
+RoPE (families that define :meth:`AstraAttention.rotate` and set ``rotary``, the
+model's own rotary module): queries and keys are rotated at their tokens' positions,
+remote keys (from ``X̂``) at theirs. In simulate mode the cos/sin are the caller's
+(HF's ``position_embeddings`` for the whole sequence) or, without them, the rotary
+module's at the layout's positions; in distributed mode always the rotary module's at
+global positions (rank offsets from the exchanged chunk lengths).
+
 Distributed class tokens (models with a [CLS] token, when ``distributed_cls``)
 ----------------------------------------------------------------------------
 Each device keeps its own copy of the class token. Copy n is a query of device n like
@@ -40,16 +47,7 @@ the one class token is an ordinary token of chunk 0 (encoded and sent like the o
 """
 from __future__ import annotations
 
-from typing import (
-    Callable,
-    List,
-    NamedTuple,
-    Optional,
-    Protocol,
-    Sequence,
-    Tuple,
-    runtime_checkable,
-)
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +55,11 @@ from torch import Tensor, nn
 
 import astra_kernels
 
+from . import remote as _remote
 from .layout import ChunkLayout, chunk_layout, key_padding, mask_bias
-from .remote import CodeSource, KVSource, RemoteSource, chunk_kernel
+from .remote import CodeSource, KVSource, RemoteSource, Rope, chunk_kernel
+
+ProjectedTables, KernelTables = _remote.ProjectedTables, _remote.KernelTables
 
 __all__ = ["AstraAttention", "Communicator", "ChunkLayout", "chunk_layout", "ProjectedTables",
            "KernelTables"]
@@ -85,23 +86,6 @@ class Communicator(Protocol):
     world_size: int
 
     def exchange(self, layer_idx: int, local: Tensor) -> List[Tensor]: ...
-
-
-# ------------------------------------------------------------------------- tables
-
-class ProjectedTables(NamedTuple):
-    """Each codeword through W_k / W_v: ``pk, pv [G, K, Hkv, d]`` (biases in group 0)."""
-
-    pk: Tensor
-    pv: Tensor
-
-
-class KernelTables(NamedTuple):
-    """The tables the kernels gather from and the code columns they read (None: all)."""
-
-    cols: Optional[List[int]]
-    pk: Tensor
-    pv: Tensor
 
 
 # --------------------------------------------------------------------------- helpers
@@ -159,6 +143,11 @@ class AstraAttention(nn.Module):
         # estimator, noise augmentation; see astra.finetune). Used only while
         # ``self.training`` in simulate mode; None: plain nearest-codeword lookup.
         self.quantizer: Optional[Callable[["AstraAttention", Tensor, ChunkLayout], Tensor]] = None
+        # RoPE: ``rotary(x, position_ids [1, T]) -> (cos, sin)``, the model's own module
+        # (set by the family; None: no RoPE); ``window``: a sliding window (longer
+        # sequences are refused: not implemented).
+        self.rotary: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None
+        self.window: Optional[int] = None
 
     # ------------------------------------------------------------ family interface
     def project_q(self, x: Tensor) -> Tensor:
@@ -181,6 +170,29 @@ class AstraAttention(nn.Module):
     def output(self, o: Tensor, x: Tensor) -> Tensor:
         """Attention output ``[B, T, H*d]`` -> what the replaced module returns."""
         return o
+
+    def rotate(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+        """RoPE families: ``q [B, H, T, d]``, ``k [B, Hkv, T, d]`` rotated by
+        ``cos, sin [B|1, T, R]`` (the model's own ``apply_rotary_pos_emb``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no rotary embedding")
+
+    # ------------------------------------------------------------------- RoPE
+    def _rot(self, q: Tensor, k: Tensor, rope: Optional[Rope]) -> Tuple[Tensor, Tensor]:
+        return (q, k) if rope is None else self.rotate(q, k, rope.cos, rope.sin)
+
+    def _rot_k(self, k: Tensor, rope: Optional[Rope]) -> Tensor:
+        return k if rope is None else self.rotate(k[:, :0], k, rope.cos, rope.sin)[1]
+
+    def _rope_at(self, x: Tensor, pos: Tensor) -> Optional[Rope]:
+        """cos/sin of positions ``pos [T]`` from the model's rotary module (None: no RoPE)."""
+        if self.rotary is None:
+            return None
+        return Rope(*self.rotary(x, pos.unsqueeze(0)))
+
+    def _check_window(self, n: int) -> None:
+        if self.window is not None and n > self.window:
+            raise NotImplementedError(f"a {n}-token sequence exceeds layer {self.layer_idx}'s "
+                                      f"sliding window ({self.window}): not supported")
 
     # ------------------------------------------------------------------- set-up
     def configure(self, *, codebook: Optional[Tensor] = None, devices: int = 1,
@@ -253,35 +265,32 @@ class AstraAttention(nn.Module):
     def projected_tables(self) -> Optional[ProjectedTables]:
         """``(pk, pv) [G, K, Hkv, d]``: codeword g of the codebook through the matching
         rows of W_k / W_v, biases folded into group 0; cached until the weights or the
-        codebook change. None when there is no codebook, the key map is not affine
-        (e.g. a key norm) or the tables exceed :data:`TABLE_BUDGET_ELEMS`."""
+        codebook change. A key map that is not affine (e.g. a key norm) gets exact tables
+        only with one group and one stage (a remote token is then one codeword: its row
+        is the codeword's key). None when there is no codebook, no exact table, or the
+        tables exceed :data:`TABLE_BUDGET_ELEMS`."""
         aff = self.kv_affine()
-        if self.codebook is None or aff is None:
+        if self.codebook is None:
             return None
         G, K, dg = self.codebook.shape
-        if 2 * G * K * self.num_kv_heads * self.head_dim > TABLE_BUDGET_ELEMS:
+        whole = aff is None and G == 1 and self.stage_sizes is None
+        if (aff is None and not whole) or \
+                2 * G * K * self.num_kv_heads * self.head_dim > TABLE_BUDGET_ELEMS:
             return None
-        Wk, bk, Wv, bv = aff
+        deps = [t for t in (aff or self.parameters()) if t is not None]
         key = (self.codebook.data_ptr(), self.codebook._version, self.stage_sizes,
-               Wk.data_ptr(), Wk._version,
-               Wv.data_ptr(), Wv._version,
-               None if bk is None else (bk.data_ptr(), bk._version),
-               None if bv is None else (bv.data_ptr(), bv._version), Wk.dtype, Wk.device)
+               tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in deps))
         if self._tables_key == key:
             return self._tables
         with torch.no_grad():
-            cb = self.codebook.float()
-            tabs = []
-            for W, b in ((Wk, bk), (Wv, bv)):
-                out = W.shape[0]
-                if self.stage_sizes is not None:  # residual: every stage spans all of D
-                    t = torch.einsum("gkc,oc->gko", cb, W.float())
-                else:
-                    t = torch.einsum("gkc,ogc->gko", cb, W.float().reshape(out, G, dg))
-                if b is not None:
-                    t[0] += b.float()
-                tabs.append(t.reshape(G, K, self.num_kv_heads, self.head_dim).to(W.dtype))
-        self._tables, self._tables_key = ProjectedTables(tabs[0], tabs[1]), key
+            if whole:  # each codeword through the module's own key/value map
+                ref = self._ref_param()
+                k, v = self.project_kv(self.codebook.to(ref.dtype))  # [1, Hkv, K, d]
+                tabs = ProjectedTables(k.transpose(1, 2), v.transpose(1, 2))
+            else:
+                tabs = _remote.affine_tables(self.codebook, self.stage_sizes, aff,
+                                             self.num_kv_heads, self.head_dim)
+        self._tables, self._tables_key = tabs, key
         self._folded = None
         return self._tables
 
@@ -293,50 +302,55 @@ class AstraAttention(nn.Module):
         which keeps the kernels' codebook-space path. None where
         :meth:`projected_tables` is None."""
         tabs = self.projected_tables()
-        st = self.stage_sizes
-        if tabs is None or st is None or all(k > 1 for k in st[1:]):
-            return None if tabs is None else KernelTables(None, tabs.pk, tabs.pv)
+        if tabs is None:
+            return None
         if self._folded is None:
-            cols = [0] + [i for i in range(1, len(st)) if st[i] > 1]
-            fixed = [i for i in range(1, len(st)) if st[i] == 1]
-            out = []
-            for t in tabs:
-                f = t[cols].float()
-                f[0] += t[fixed, 0].float().sum(0)
-                out.append(f.to(t.dtype))
-            self._folded = KernelTables(cols, out[0], out[1])
+            self._folded = _remote.fold_stages(tabs, self.stage_sizes)
         return self._folded
 
-    def _code_source(self, codes: Tensor, dtype: torch.dtype) -> Optional[CodeSource]:
+    def _code_source(self, codes: Tensor, dtype: torch.dtype,
+                     rope: Optional[Rope] = None) -> Optional[CodeSource]:
         """``codes`` for the kernels (the columns that :meth:`kernel_tables` keeps) with
-        their tables, or None without tables."""
+        their tables (and the remote tokens' cos/sin), or None without tables or when
+        the kernels do not rotate remote keys (:data:`astra.remote.ROPE_IN_KERNEL`)."""
+        if rope is not None and not _remote.ROPE_IN_KERNEL:
+            return None
         kt = self.kernel_tables()
         if kt is None:
             return None
         return CodeSource(codes if kt.cols is None else codes[..., kt.cols],
-                          kt.pk.to(dtype), kt.pv.to(dtype))
+                          kt.pk.to(dtype), kt.pv.to(dtype), rope)
 
     # ----------------------------------------------------------------- forward
     def attend(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None,
-               causal: Optional[bool] = None) -> Tensor:
+               causal: Optional[bool] = None,
+               rope: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """Mixed-precision attention of ``x [B, T, D]``; returns ``[B, T, H*d]``.
 
         ``mask`` is the HF/timm attention mask (bool, True = attend, or additive float;
         broadcastable to ``[B, H, T, T]``); ``causal`` overrides the module's flag.
+        ``rope``: RoPE cos/sin ``[B|1, T, R]`` of the tokens of ``x`` (simulate mode;
+        default: the rotary module's at the layout's positions; ignored in distributed
+        mode, which takes global positions from the exchange).
         """
         causal = self.causal if causal is None else bool(causal)
         if self.communicator is not None:
             return self._attend_distributed(x, mask, cache, causal)
         layout = self._layout(x)
+        self._check_window(layout.orig_length)
         bias = mask_bias(mask, x.dtype, layout)
+        rope = Rope(*rope) if rope is not None else self._rope_at(x, layout.orig_index)
+        if rope is not None and layout.copies:
+            raise ValueError("RoPE with distributed class tokens is not supported")
         q, k, v = self.project_qkv(x)
+        q, k = self._rot(q, k, rope)
         self._update_cache(cache, k, v)
         if self._kernel_ok(x):
             pos = layout.orig_index
             ok, valid = key_padding(bias, causal, pos, pos)
             if ok:
-                return self._simulate_kernel(x, q, k, v, layout, valid, causal)
-        return self._simulate_torch(x, q, k, v, layout, bias, causal)
+                return self._simulate_kernel(x, q, k, v, layout, valid, causal, rope)
+        return self._simulate_torch(x, q, k, v, layout, bias, causal, rope)
 
     def _layout(self, x: Tensor) -> ChunkLayout:
         T = x.shape[1]
@@ -378,7 +392,8 @@ class AstraAttention(nn.Module):
         c.update(k, v, self.layer_idx)
 
     # -- simulate, differentiable -----------------------------------------------------
-    def _simulate_torch(self, x, q, k, v, layout: ChunkLayout, bias, causal) -> Tensor:
+    def _simulate_torch(self, x, q, k, v, layout: ChunkLayout, bias, causal,
+                        rope: Optional[Rope] = None) -> Tensor:
         B, H, T, d = q.shape
         rep = self.num_heads // self.num_kv_heads
         k, v = _repeat_kv(k, rep), _repeat_kv(v, rep)
@@ -391,7 +406,7 @@ class AstraAttention(nn.Module):
             else:
                 xq = self.dequantize(self.encode(x), x.dtype)
             kq, vq = self.project_kv(xq)
-            kq, vq = _repeat_kv(kq, rep), _repeat_kv(vq, rep)
+            kq, vq = _repeat_kv(self._rot_k(kq, rope), rep), _repeat_kv(vq, rep)
             scores_q = torch.matmul(q, kq.transpose(-1, -2)) * self.scale
             scores = torch.where(same, scores, scores_q)  # exact within a device
         if bias is not None:
@@ -413,21 +428,23 @@ class AstraAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, T, H * d)
 
     # -- simulate, kernels ---------------------------------------------------------------
-    def _remote_source(self, x: Tensor) -> Optional[RemoteSource]:
+    def _remote_source(self, x: Tensor, rope: Optional[Rope]) -> Optional[RemoteSource]:
         """What the kernels get for the tokens of ``x`` as remote tokens: their codes, or
-        ``k̂, v̂`` projected from ``X̂`` where there are no tables (None: no codebook)."""
+        ``k̂, v̂`` projected from ``X̂`` (k̂ rotated) where the kernels cannot gather them
+        (None: no codebook)."""
         if self.codebook is None:
             return None
         codes = self.encode(x)
-        src = self._code_source(codes, x.dtype)
+        src = self._code_source(codes, x.dtype, rope)
         if src is not None:
             return src
         kq, vq = self.project_kv(self.dequantize(codes, x.dtype))
-        return KVSource(kq, vq)
+        return KVSource(self._rot_k(kq, rope), vq)
 
-    def _simulate_kernel(self, x, q, k, v, layout: ChunkLayout, valid, causal) -> Tensor:
+    def _simulate_kernel(self, x, q, k, v, layout: ChunkLayout, valid, causal,
+                         rope: Optional[Rope] = None) -> Tensor:
         B, H, T, d = q.shape
-        src = self._remote_source(x) if layout.devices > 1 else None
+        src = self._remote_source(x, rope) if layout.devices > 1 else None
         out = q.new_empty(B, H, T, d)
         pos = layout.orig_index
         for n in range(layout.devices):
@@ -464,7 +481,9 @@ class AstraAttention(nn.Module):
         else:
             payload = send.detach() if not torch.is_grad_enabled() else send
         start = getattr(comm, "exchange_start", None)
-        if (start is not None and ok and valid is None and self._kernel_ok(x)
+        rope_ok = self.rotary is None or (hasattr(comm, "send_tokens") and (
+            self.codebook is None or _remote.ROPE_IN_KERNEL))  # positions known up front
+        if (start is not None and ok and valid is None and self._kernel_ok(x) and rope_ok
                 and (self.codebook is None or self.projected_tables() is not None)):
             return self._attend_overlapped(x, payload, start, causal, first)
         got = list(comm.exchange(self.layer_idx, payload))
@@ -477,7 +496,11 @@ class AstraAttention(nn.Module):
         others = [j for j in range(W) if j != r]
         rpos = (torch.cat([offs[j] + torch.arange(lens[j], device=x.device) for j in others])
                 if others else torch.empty(0, dtype=torch.long, device=x.device))
+        self._check_window(sum(lens))
+        rope = self._rope_at(x, torch.arange(sum(lens), device=x.device))
+        rl, rr = (None, None) if rope is None else (rope.take(qpos), rope.take(rpos))
         q, k, v = self.project_qkv(x)
+        q, k = self._rot(q, k, rl)
         self._update_cache(cache, k, v)
         remote_payload = (torch.cat([got[j].to(x.device) for j in others], dim=1)
                           if others else payload[:, :0])
@@ -488,14 +511,15 @@ class AstraAttention(nn.Module):
             rvalid = None
             xr = remote_payload.to(x.dtype)
         if ok and self._kernel_ok(x):
-            remote = (self._code_source(remote_payload, x.dtype)
+            remote = (self._code_source(remote_payload, x.dtype, rr)
                       if self.codebook is not None else None)
             if remote is None:
                 kr, vr = self.project_kv(xr)
-                remote = KVSource(kr, vr)
+                remote = KVSource(self._rot_k(kr, rr), vr)
             o = chunk_kernel(q, k, v, remote, valid, rvalid, causal, qpos, rpos, self.scale)
         else:
             kr, vr = self.project_kv(xr)
+            kr = self._rot_k(kr, rr)
             o = self._chunk_torch(q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos)
         return o.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
 
@@ -510,6 +534,11 @@ class AstraAttention(nn.Module):
         handle = start(self.layer_idx, payload)
         q, k, v = self.project_qkv(x)
         lpos = (torch.arange(Tn, device=x.device) - first).clamp_min(0)
+        rope = None
+        if self.rotary is not None:  # no class copies with RoPE: send_tokens are the chunks
+            sent = [int(t) for t in comm.send_tokens]
+            rope = self._rope_at(x, torch.arange(sum(sent), device=x.device))
+            q, k = self._rot(q, k, rope.take(sum(sent[:r]) + lpos))
         extra = dict(causal=causal, scale=self.scale)
         if causal:
             extra.update(q_pos=lpos, kv_pos=lpos)
@@ -529,14 +558,15 @@ class AstraAttention(nn.Module):
         if causal:
             extra.update(q_pos=qpos, kv_pos=qpos[:0], remote_pos=rpos)
         k0, v0 = k[:, :, :0], v[:, :, :0]
+        rr = None if rope is None else rope.take(rpos)
         if self.codebook is not None:
-            src = self._code_source(remote, x.dtype)
+            src = self._code_source(remote, x.dtype, rr)
             o_rem, lse_rem = astra_kernels.mixed_attention(
-                q, k0, v0, src.codes.contiguous(), src.pk, src.pv, **extra)
+                q, k0, v0, src.codes.contiguous(), src.pk, src.pv, **src.kwargs(), **extra)
         else:
             kr, vr = self.project_kv(remote.to(x.dtype))
-            o_rem, lse_rem = astra_kernels.mixed_attention(q, k0, v0, remote_k=kr,
-                                                           remote_v=vr, **extra)
+            o_rem, lse_rem = astra_kernels.mixed_attention(
+                q, k0, v0, remote_k=self._rot_k(kr, rr), remote_v=vr, **extra)
         o, _ = astra_kernels.merge_attention(o_loc, lse_loc, o_rem, lse_rem)
         return o.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
 

@@ -58,7 +58,7 @@ def patch(model: nn.Module, codebooks: Union[Codebooks, str, PathLike, None] = N
     """Make ``model`` run as ``devices`` devices that see each other through codebooks.
 
     Args:
-        model: an HF ``bert``/``gpt2``/``vit`` model (any head) or a timm
+        model: an HF ``bert``/``gpt2``/``vit``/Llama-family model (any head) or a timm
             ``VisionTransformer``; patched in place and returned.
         codebooks: :class:`Codebooks` (or a path to a saved file) with one codebook per
             layer; None: remote tokens are seen at full precision (with ``devices=1``

@@ -5,30 +5,120 @@ layer's projected tables (:class:`CodeSource`), or as keys and values computed
 beforehand (:class:`KVSource`: projected from ``X̂`` where a layer has no tables, or
 exact where it has no codebook). :func:`chunk_kernel` runs one chunk's queries against
 its local keys and a remote source.
+
+RoPE models: queries and local keys arrive rotated; a remote token's key is rotated at
+its global position (:class:`Rope`: the model's own cos/sin). Keys from ``X̂`` are
+rotated before they become a :class:`KVSource`; codes carry their cos/sin in the
+:class:`CodeSource` and the kernel rotates the gathered keys (``rope_cos``/``rope_sin``
+of :func:`astra_kernels.mixed_attention`) once :data:`ROPE_IN_KERNEL` is on.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 import astra_kernels
 
-__all__ = ["CodeSource", "KVSource", "RemoteSource", "chunk_kernel"]
+__all__ = ["CodeSource", "KVSource", "RemoteSource", "Rope", "chunk_kernel", "ROPE_IN_KERNEL",
+           "ProjectedTables", "KernelTables", "affine_tables", "fold_stages"]
+
+# Whether the kernels rotate remote keys gathered from the projected tables (the
+# ``rope_cos``/``rope_sin`` arguments of ``mixed_attention``). Off: RoPE layers hand the
+# kernels remote keys projected from X̂ and rotated beforehand (a KVSource); on: codes
+# and tables (a CodeSource with its cos/sin), and the overlapped distributed path.
+ROPE_IN_KERNEL = True
+
+
+class ProjectedTables(NamedTuple):
+    """Each codeword through W_k / W_v: ``pk, pv [G, K, Hkv, d]`` (biases in group 0)."""
+
+    pk: Tensor
+    pv: Tensor
+
+
+class KernelTables(NamedTuple):
+    """The tables the kernels gather from and the code columns they read (None: all)."""
+
+    cols: Optional[List[int]]
+    pk: Tensor
+    pv: Tensor
+
+
+def affine_tables(codebook: Tensor, stage_sizes: Optional[Sequence[int]],
+                  aff: Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]],
+                  hkv: int, d: int) -> ProjectedTables:
+    """Codeword g of ``codebook [G, K, D/G]`` through the matching rows of
+    ``aff = (W_k, b_k, W_v, b_v)`` (``[Hkv*d, D]``), biases folded into group 0; a
+    residual codebook (``stage_sizes``) has every stage span all of D."""
+    G, K, dg = codebook.shape
+    cb = codebook.float()
+    Wk, bk, Wv, bv = aff
+    tabs = []
+    for W, b in ((Wk, bk), (Wv, bv)):
+        if stage_sizes is not None:
+            t = torch.einsum("gkc,oc->gko", cb, W.float())
+        else:
+            t = torch.einsum("gkc,ogc->gko", cb, W.float().reshape(W.shape[0], G, dg))
+        if b is not None:
+            t[0] += b.float()
+        tabs.append(t.reshape(G, K, hkv, d).to(W.dtype))
+    return ProjectedTables(tabs[0], tabs[1])
+
+
+def fold_stages(tabs: ProjectedTables, stage_sizes: Optional[Sequence[int]]) -> KernelTables:
+    """Every residual stage of size 1 folded into stage 0's table (its code is always 0,
+    so its row is a constant offset); ``cols`` the code columns that remain."""
+    st = stage_sizes
+    if st is None or all(k > 1 for k in st[1:]):
+        return KernelTables(None, tabs.pk, tabs.pv)
+    cols = [0] + [i for i in range(1, len(st)) if st[i] > 1]
+    fixed = [i for i in range(1, len(st)) if st[i] == 1]
+    out = []
+    for t in tabs:
+        f = t[cols].float()
+        f[0] += t[fixed, 0].float().sum(0)
+        out.append(f.to(t.dtype))
+    return KernelTables(cols, out[0], out[1])
+
+
+class Rope(NamedTuple):
+    """Rotary cos/sin of some tokens, ``[B|1, T, R]`` each (HF layout)."""
+
+    cos: Tensor
+    sin: Tensor
+
+    def take(self, idx: Tensor) -> "Rope":
+        """The tokens ``idx`` only."""
+        return Rope(self.cos[:, idx], self.sin[:, idx])
 
 
 class CodeSource(NamedTuple):
     """Remote tokens as codes ``[B, Tr, G]`` (-1: missing); the kernel gathers their keys
-    and values from the tables ``pk``/``pv``."""
+    and values from the tables ``pk``/``pv`` (and rotates the keys by ``rope``)."""
 
     codes: Tensor
     pk: Tensor
     pv: Tensor
+    rope: Optional[Rope] = None
 
     def take(self, idx: Tensor) -> "CodeSource":
         """The tokens ``idx`` only."""
-        return self._replace(codes=self.codes[:, idx])
+        return self._replace(codes=self.codes[:, idx],
+                             rope=None if self.rope is None else self.rope.take(idx))
+
+    def row(self, b: int) -> "CodeSource":
+        """Batch row ``b`` only."""
+        r = self.rope
+        if r is not None and r.cos.shape[0] > 1:
+            r = Rope(r.cos[b:b + 1], r.sin[b:b + 1])
+        return self._replace(codes=self.codes[b:b + 1], rope=r)
+
+    def kwargs(self) -> dict:
+        """The kernel's ``rope_cos``/``rope_sin`` (empty without rope)."""
+        r = self.rope
+        return {} if r is None else dict(rope_cos=r.cos, rope_sin=r.sin)
 
 
 class KVSource(NamedTuple):
@@ -64,7 +154,7 @@ def chunk_kernel(q, k, v, remote: Optional[RemoteSource], lvalid, rvalid, causal
             return astra_kernels.mixed_attention(qb, kb, vb, **extra)[0]
         if isinstance(rem, CodeSource):
             return astra_kernels.mixed_attention(qb, kb, vb, rem.codes, rem.pk, rem.pv,
-                                                 **extra)[0]
+                                                 **rem.kwargs(), **extra)[0]
         return astra_kernels.mixed_attention(qb, kb, vb, remote_k=rem.k, remote_v=rem.v,
                                              **extra)[0]
 
@@ -80,7 +170,7 @@ def chunk_kernel(q, k, v, remote: Optional[RemoteSource], lvalid, rvalid, causal
         lv = lvalid[b] if lvalid is not None else slice(None)
         rem, rp = None, rpos
         if isinstance(remote, CodeSource):
-            rem = remote._replace(codes=remote.codes[b:b + 1])
+            rem = remote.row(b)
         elif remote is not None:
             rv = rvalid_kv[b] if rvalid_kv is not None else slice(None)
             rem = KVSource(remote.k[b:b + 1, :, rv], remote.v[b:b + 1, :, rv])

@@ -28,6 +28,37 @@ def tiny_bert(seed: int = 0, layers: int = 2):
     return BertModel(cfg, add_pooling_layer=False).eval()
 
 
+def _tiny_decoder(config_cls, model_cls, seed: int, layers: int, **extra):
+    """A small random Llama-family LM: D=64, 4 query heads / 2 KV heads (GQA), head_dim
+    16, vocab 101, eager attention; weights wider than HF's default init, so attention
+    is peaked and positions (RoPE) matter."""
+    torch.manual_seed(seed)
+    cfg = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     vocab_size=101, max_position_embeddings=256, attention_dropout=0.0,
+                     tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                     pad_token_id=0, initializer_range=0.15, **extra)
+    cfg._attn_implementation = "eager"
+    return model_cls(cfg).eval()
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return _tiny_decoder(LlamaConfig, LlamaForCausalLM, seed, layers)
+
+
+def tiny_qwen2(seed: int = 0, layers: int = 2):
+    """Qwen2: q/k/v projections with biases."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return _tiny_decoder(Qwen2Config, Qwen2ForCausalLM, seed, layers)
+
+
+def tiny_qwen3(seed: int = 0, layers: int = 2):
+    """Qwen3: per-head RMSNorm on queries and keys before the rotation."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    return _tiny_decoder(Qwen3Config, Qwen3ForCausalLM, seed, layers)
+
+
 def tiny_vit(seed: int = 0):
     import timm
     torch.manual_seed(seed)

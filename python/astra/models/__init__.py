@@ -25,6 +25,10 @@ TABLE: Dict[str, str] = {
     "gpt2": "hf_gpt2",
     "vit": "hf_vit",
     "timm:VisionTransformer": "timm_vit",
+    "llama": "hf_llama",
+    "mistral": "hf_llama",
+    "qwen2": "hf_llama",
+    "qwen3": "hf_llama",
 }
 
 
@@ -118,7 +122,8 @@ class Adapter:
     def tp_spec(self, model: nn.Module, block: nn.Module) -> Dict[str, Any]:
         """The keyword arguments of :class:`astra.parallel.tp.TPBlock` for ``block``:
         ``pre_ln, norm1, norm2, wq, wk, wv, bq, bk, bv, wo, bo, w1, b1, act, w2, b2,
-        heads, head_dim, scale, causal`` (weights ``[out, in]``)."""
+        heads, head_dim, scale, causal`` (weights ``[out, in]``), and for Llama-style
+        blocks ``kv_heads`` (GQA), ``w3, b3`` (gated MLP), ``qk_fn`` (norms, RoPE)."""
         raise NotImplementedError(f"{self.family} has no tensor-parallel split")
 
 
@@ -137,6 +142,9 @@ HF_ARCH_FIELDS = (
     "layer_norm_eps", "layer_norm_epsilon", "position_embedding_type", "is_decoder",
     "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "image_size", "patch_size",
     "num_channels", "qkv_bias", "encoder_stride",
+    # RoPE / Llama family (absent from the bert, gpt2 and vit configs: their hashes stay)
+    "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "attention_bias", "mlp_bias", "rms_norm_eps", "sliding_window", "layer_types",
 )
 
 
@@ -147,7 +155,7 @@ def hf_config_hash(config) -> str:
             val = getattr(config, name)
         except AttributeError:
             continue
-        if isinstance(val, (int, float, str, bool, list, tuple)) or val is None:
+        if isinstance(val, (int, float, str, bool, list, tuple, dict)) or val is None:
             fields[name] = list(val) if isinstance(val, tuple) else val
     return stable_hash(fields)
 
