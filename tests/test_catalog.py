@@ -62,3 +62,9 @@ def test_cache_paths_are_keyed_by_what_made_them(tmp_path, monkeypatch):
 
 def _boom():
     raise RuntimeError("crash while writing")
+
+
+def test_strategies_without_codes_skip_the_codebooks():
+    run = catalog.prepare("tiny-bert", tokens=24, with_codebooks=False)
+    assert run.codebooks is None and run.num_layers == 2
+    assert catalog.load("tiny-bert", 24, with_codebooks=False).codebooks is None

