@@ -1,9 +1,12 @@
 """The command line: one parser per command, bad input as one line and exit status 2,
 the torchrun entry sharing ``astra run``'s job options."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +82,42 @@ def test_the_old_torchrun_entry_points_to_the_new_one():
     p = subprocess.run([sys.executable, "-m", "astra.parallel.runner", "torchrun"],
                        capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode != 0 and "python -m astra.cli.torchrun" in p.stderr
+
+
+def _processes_mentioning(text: str):
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(int(d.name))
+    return found
+
+
+def test_sigterm_stops_the_workers_and_removes_the_run_folder(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-m", "astra.cli", "run", "--model", "tiny-bert",
+                          "--tokens", "32", "--devices", "2", "--strategy", "sp",
+                          "--repeats", "100000", "--bandwidth", "1000", "--latency-ms", "0"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        workers, deadline = [], time.monotonic() + 180
+        while len(workers) < 2 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.5)
+            workers = _processes_mentioning(str(tmp_path / "astra-run-"))
+        assert len(workers) == 2, p.stderr.read() if p.poll() is not None else "no workers"
+        time.sleep(2)  # the ranks are inside their jobs
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(tmp_path / "astra-run-")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(str(tmp_path / "astra-run-")) == []  # no worker left
+    assert list(tmp_path.glob("astra-run-*")) == []  # the run's folder is gone

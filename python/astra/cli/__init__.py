@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -41,11 +42,21 @@ def run_command(args: argparse.Namespace, prog: str) -> int:
         return 2
 
 
+def _terminate(signum, frame):
+    # SIGTERM (kill, timeout, service managers) unwinds like Ctrl-C: every ``finally``
+    # runs, so worker processes are killed and temporary folders and namespaces removed
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     suite = getattr(args, "suite", None)
     prog = " ".join(["astra", args.command] + ([suite] if suite else []))
-    return run_command(args, prog)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run_command(args, prog)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
