@@ -90,3 +90,26 @@ class HFAdapter(Adapter):
 
     def config_hash(self, model):
         return hf_config_hash(self.config(model))
+
+
+class CausalLMStages(HFAdapter):
+    """Runner stages every causal HF language model shares: no class token, the tail is
+    the base model's final norm (attribute ``final_norm``) and the LM head, the compact
+    output the last token's next-token logits."""
+
+    final_norm: str = ""
+
+    def n_content(self, model, inputs):
+        return int(inputs.shape[1])
+
+    def tail(self, model, h):
+        h = getattr(base_model(model), self.final_norm)(h)
+        head = getattr(model, "lm_head", None)
+        return head(h) if head is not None else h
+
+    def summary(self, model, h, cls):
+        return h[:, -1:]
+
+    def finish_compact(self, model, summaries, n_tokens):
+        return self.tail(model, summaries[-1])[:, 0]
+

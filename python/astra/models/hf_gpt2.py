@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._hf import HFAdapter, HFAstraAttention, base_model, heads
+from ._hf import CausalLMStages, HFAstraAttention, base_model, heads
 
 
 class GPT2AstraAttention(HFAstraAttention):
@@ -61,11 +61,12 @@ class GPT2AstraAttention(HFAstraAttention):
                                encoder_hidden_states=encoder_hidden_states, **kwargs)
 
 
-class GPT2Adapter(HFAdapter):
+class GPT2Adapter(CausalLMStages):
     family = "hf:gpt2"
     causal = True
     layers_path = "h"
     slot = "attn"
+    final_norm = "ln_f"
     attention_cls = GPT2AstraAttention
 
     def check_original(self, original, layer_idx):
@@ -74,25 +75,11 @@ class GPT2Adapter(HFAdapter):
                              "self-attention")
 
     # ---- runner stages
-    def n_content(self, model, inputs):
-        return int(inputs.shape[1])
-
     def embed(self, model, inputs, lo, hi, cls):
         base = base_model(model)
         ids = inputs[:, lo:hi]
         pos = torch.arange(lo, hi, device=ids.device).unsqueeze(0)
         return base.drop(base.wte(ids) + base.wpe(pos))
-
-    def tail(self, model, h):
-        h = base_model(model).ln_f(h)
-        head = getattr(model, "lm_head", None)
-        return head(h) if head is not None else h
-
-    def summary(self, model, h, cls):
-        return h[:, -1:]
-
-    def finish_compact(self, model, summaries, n_tokens):
-        return self.tail(model, summaries[-1])[:, 0]
 
     def tp_spec(self, model, blk):
         a, m = blk.attn, blk.mlp

@@ -24,7 +24,7 @@ import sys
 import torch
 from torch import nn
 
-from ._hf import HFAdapter, HFAstraAttention, base_model, first_attr, hf_mask
+from ._hf import CausalLMStages, HFAstraAttention, base_model, first_attr, hf_mask
 
 
 class LlamaAstraAttention(HFAstraAttention):
@@ -106,11 +106,12 @@ class _QKRope:
         return self.apply(q, k, cos, sin)
 
 
-class LlamaAdapter(HFAdapter):
+class LlamaAdapter(CausalLMStages):
     family = "hf:llama"
     causal = True
     layers_path = "layers"
     slot = "self_attn"
+    final_norm = "norm"
     attention_cls = LlamaAstraAttention
 
     def check_original(self, original, layer_idx):
@@ -136,22 +137,8 @@ class LlamaAdapter(HFAdapter):
         return ident
 
     # ---- runner stages
-    def n_content(self, model, inputs):
-        return int(inputs.shape[1])
-
     def embed(self, model, inputs, lo, hi, cls):
         return base_model(model).embed_tokens(inputs[:, lo:hi])
-
-    def tail(self, model, h):
-        h = base_model(model).norm(h)
-        head = getattr(model, "lm_head", None)
-        return head(h) if head is not None else h
-
-    def summary(self, model, h, cls):
-        return h[:, -1:]
-
-    def finish_compact(self, model, summaries, n_tokens):
-        return self.tail(model, summaries[-1])[:, 0]
 
     def tp_spec(self, model, blk):
         a, m, cfg = blk.self_attn, blk.mlp, self.config(model)
