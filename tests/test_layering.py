@@ -19,13 +19,13 @@ PACKAGES = {"astra": ROOT / "python" / "astra", "astra_kernels": ROOT / "astra_k
 # top (1) to bottom (6); a module may import its own floor and the floors below it
 FLOORS = [
     ("cli", ["astra.cli"]),
-    ("applications", ["astra.demo", "astra.bench", "astra.evaluate", "astra.finetune",
-                      "astra.plots"]),
+    ("applications", ["astra.demo", "astra.bench", "astra.evaluate", "astra.evaluate_llm",
+                      "astra.finetune", "astra.plots", "astra.textgen"]),
     ("execution", ["astra.parallel"]),
     ("catalogue", ["astra.catalog", "astra.zoo"]),
     ("core", ["astra", "astra.attention", "astra.layout", "astra.kmeans", "astra.codebooks",
               "astra.calibrate", "astra.models", "astra.patch", "astra.cache", "astra.data",
-              "astra.checkpoint"]),
+              "astra.checkpoint", "astra.generation", "astra.remote", "astra.objectives"]),
     ("kernels", ["astra_kernels"]),
 ]
 

@@ -13,7 +13,7 @@ import astra_kernels
 from astra import catalog, remote
 from astra.catalog import factories
 from astra.models import resolve
-from astra.parallel.runner import Job, ModelSpec, launch
+from astra.parallel.runner import Job, ModelSpec, default_chunks, launch
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -241,8 +241,9 @@ def run(request):
         ref = _logits(model, x)
     sim = _patched(model, x, astra.Codebooks(cb), world)
     odd = [1] * (world - 1) + [T - world + 1]
-    jobs = [Job("astra", x, codebooks=cb, name="astra"),
-            Job("astra", x, codebooks=cb, output="compact", name="astra-compact"),
+    eq = default_chunks(T, world)  # the simulation's split (the runner's is cost-balanced)
+    jobs = [Job("astra", x, codebooks=cb, chunks=eq, name="astra"),
+            Job("astra", x, codebooks=cb, chunks=eq, output="compact", name="astra-compact"),
             Job("sp", x, name="sp"), Job("sp", x, chunks=odd, name="sp-odd"),
             Job("single", x, name="single"), Job("tp", x, name="tp")]
     res = launch(spec, jobs, world)

@@ -12,7 +12,7 @@ from astra import catalog
 from astra.catalog import factories
 from astra.parallel import wire
 from astra.parallel.links import LinkModel
-from astra.parallel.runner import Job, ModelSpec, RunnerError, launch
+from astra.parallel.runner import Job, ModelSpec, RunnerError, default_chunks, launch
 
 G, K = 2, 16
 BITS = 4
@@ -69,11 +69,12 @@ def case(request):
     ref, sim = _reference(model, x, cb, world)
     n = _content_tokens(factory, tokens)
     odd = [1] * (world - 1) + [n - world + 1]  # very uneven chunks (a slow device first)
-    jobs = [Job("astra", x, codebooks=cb, name="astra"), Job("sp", x, name="sp"),
+    eq = default_chunks(n, world)  # the simulation's split (the runner's is cost-balanced)
+    jobs = [Job("astra", x, codebooks=cb, chunks=eq, name="astra"), Job("sp", x, name="sp"),
             Job("tp", x, name="tp"), Job("single", x, name="single"),
             Job("sp", x, chunks=odd, name="sp-odd"), Job("tp", x, wire="int8", name="tp-int8"),
             Job("sp", x, wire="fp16", name="sp-fp16"),
-            Job("astra", x, codebooks=cb, name="astra-loss",
+            Job("astra", x, codebooks=cb, chunks=eq, name="astra-loss",
                 link=LinkModel(1000.0, 0.0, loss=0.5, mtu=2, seed=3))]
     res = launch(spec, jobs, world)
     return dict(world=world, x=x, cb=cb, ref=ref, sim=sim,
@@ -160,8 +161,9 @@ def test_emulated_link_waits_in_wall_clock_and_virtual_clock_agrees():
     spec = ModelSpec(factories.tiny_gpt2)
     x = _inputs(20)
     lk = LinkModel(bandwidth_mbps=1.0, latency_ms=30.0)
-    jobs = [Job("sp", x, link=lk, output="compact", repeats=2),
-            Job("sp", x, link=lk, output="compact", repeats=2, clock="virtual")]
+    jobs = [Job("sp", x, link=lk, output="compact", repeats=2, chunks=[10, 10]),
+            Job("sp", x, link=lk, output="compact", repeats=2, clock="virtual",
+                chunks=[10, 10])]
     wall, virt = launch(spec, jobs, 2)
     # rank 1 waits for rank 0's frame of 2 layers: 30 ms + 8*(44+4*2*10*32)/1e6 s each,
     # then rank 0 waits for rank 1's summary (the gather)

@@ -14,7 +14,14 @@ from .models import supported_models  # noqa: E402
 from .patch import is_patched, patch, unpatch  # noqa: E402
 
 __all__ = [
-    "AstraAttention", "ChunkLayout", "Communicator", "chunk_layout", "Codebooks",
+    "AstraAttention", "AstraCache", "ChunkLayout", "Communicator", "chunk_layout", "Codebooks",
     "collect_activations", "patch", "unpatch", "is_patched", "supported_models",
     "kernels", "__version__",
 ]
+
+
+def __getattr__(name):  # AstraCache imports transformers: only when asked for
+    if name == "AstraCache":
+        from .generation import AstraCache
+        return AstraCache
+    raise AttributeError(f"module 'astra' has no attribute {name!r}")

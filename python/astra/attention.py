@@ -334,6 +334,10 @@ class AstraAttention(nn.Module):
         mode, which takes global positions from the exchange).
         """
         causal = self.causal if causal is None else bool(causal)
+        if cache is not None:  # generation (astra.generation: imports transformers)
+            from . import generation as _gen
+            if _gen.cached_layer(self, cache) is not None:  # decoding
+                return _gen.attend_cached(self, x, _gen.cached_layer(self, cache), mask, rope)
         if self.communicator is not None:
             return self._attend_distributed(x, mask, cache, causal)
         layout = self._layout(x)
@@ -344,7 +348,8 @@ class AstraAttention(nn.Module):
             raise ValueError("RoPE with distributed class tokens is not supported")
         q, k, v = self.project_qkv(x)
         q, k = self._rot(q, k, rope)
-        self._update_cache(cache, k, v)
+        if cache is not None:
+            _gen.record_simulated(self, cache, x, k, v, layout, rope)
         if self._kernel_ok(x):
             pos = layout.orig_index
             ok, valid = key_padding(bias, causal, pos, pos)
@@ -381,15 +386,6 @@ class AstraAttention(nn.Module):
                                    "forward-only (use torch.no_grad() or use_kernels=None)")
             return False
         return True
-
-    def _update_cache(self, cache, k: Tensor, v: Tensor) -> None:
-        if cache is None:
-            return
-        c = getattr(cache, "self_attention_cache", cache)
-        if c.get_seq_length(self.layer_idx) > 0:
-            raise NotImplementedError("Astra runs prefill only: decoding with a filled "
-                                      "cache is not supported by AstraAttention")
-        c.update(k, v, self.layer_idx)
 
     # -- simulate, differentiable -----------------------------------------------------
     def _simulate_torch(self, x, q, k, v, layout: ChunkLayout, bias, causal,
@@ -485,7 +481,7 @@ class AstraAttention(nn.Module):
             self.codebook is None or _remote.ROPE_IN_KERNEL))  # positions known up front
         if (start is not None and ok and valid is None and self._kernel_ok(x) and rope_ok
                 and (self.codebook is None or self.projected_tables() is not None)):
-            return self._attend_overlapped(x, payload, start, causal, first)
+            return self._attend_overlapped(x, payload, start, causal, first, cache)
         got = list(comm.exchange(self.layer_idx, payload))
         if len(got) != W:
             raise RuntimeError(f"communicator returned {len(got)} payloads for world_size={W}")
@@ -501,7 +497,6 @@ class AstraAttention(nn.Module):
         rl, rr = (None, None) if rope is None else (rope.take(qpos), rope.take(rpos))
         q, k, v = self.project_qkv(x)
         q, k = self._rot(q, k, rl)
-        self._update_cache(cache, k, v)
         remote_payload = (torch.cat([got[j].to(x.device) for j in others], dim=1)
                           if others else payload[:, :0])
         if self.codebook is not None:
@@ -510,6 +505,10 @@ class AstraAttention(nn.Module):
         else:
             rvalid = None
             xr = remote_payload.to(x.dtype)
+        if cache is not None:
+            from . import generation as _gen
+            _gen.record(self, cache, k, v, qpos, x, remote_payload if self.codebook is not None
+                        else None, lambda: _gen.projected(self, xr, rr), rpos)
         if ok and self._kernel_ok(x):
             remote = (self._code_source(remote_payload, x.dtype, rr)
                       if self.codebook is not None else None)
@@ -520,11 +519,13 @@ class AstraAttention(nn.Module):
         else:
             kr, vr = self.project_kv(xr)
             kr = self._rot_k(kr, rr)
-            o = self._chunk_torch(q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos)
+            drop = self.attn_dropout_p if self.training else 0.0
+            o = _remote.chunk_torch(q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos,
+                                    self.scale, drop)
         return o.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
 
     def _attend_overlapped(self, x: Tensor, payload: Tensor, start, causal: bool,
-                           first: int) -> Tensor:
+                           first: int, cache=None) -> Tensor:
         """Distributed, overlapped: start the exchange, attend to the local tokens while
         the bytes travel, then to the received ones, and merge the two partials by their
         log-sum-exp (no padding; kernels; remote K/V from the projected tables)."""
@@ -547,18 +548,25 @@ class AstraAttention(nn.Module):
         if len(got) != W:
             raise RuntimeError(f"communicator returned {len(got)} payloads for world_size={W}")
         others = [j for j in range(W) if j != r and got[j].shape[1] > 0]
-        if not others:
-            return o_loc.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
         lens = [int(t.shape[1]) for t in got]
         offs = [sum(lens[:j]) for j in range(W)]
         qpos = offs[r] + lpos
+        if cache is not None:
+            from . import generation as _gen
+        if not others:
+            if cache is not None:
+                _gen.record(self, cache, k, v, qpos, x)
+            return o_loc.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
         rpos = torch.cat([offs[j] + torch.arange(lens[j], device=x.device) for j in others])
         remote = torch.cat([got[j].to(x.device) for j in others], dim=1)
+        rr = None if rope is None else rope.take(rpos)
+        if cache is not None:
+            _gen.record(self, cache, k, v, qpos, x, remote if self.codebook is not None
+                        else None, lambda: _gen.projected(self, remote.to(x.dtype), rr), rpos)
         extra = dict(causal=causal, scale=self.scale)
         if causal:
             extra.update(q_pos=qpos, kv_pos=qpos[:0], remote_pos=rpos)
         k0, v0 = k[:, :, :0], v[:, :, :0]
-        rr = None if rope is None else rope.take(rpos)
         if self.codebook is not None:
             src = self._code_source(remote, x.dtype, rr)
             o_rem, lse_rem = astra_kernels.mixed_attention(
@@ -569,26 +577,3 @@ class AstraAttention(nn.Module):
                 q, k0, v0, remote_k=self._rot_k(kr, rr), remote_v=vr, **extra)
         o, _ = astra_kernels.merge_attention(o_loc, lse_loc, o_rem, lse_rem)
         return o.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
-
-    def _chunk_torch(self, q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos) -> Tensor:
-        rep = self.num_heads // self.num_kv_heads
-        keys = _repeat_kv(torch.cat([k, kr], dim=2), rep)
-        vals = _repeat_kv(torch.cat([v, vr], dim=2), rep)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale
-        Tl = k.shape[2]
-        B, H, Tq, Tk = scores.shape
-        add = torch.zeros(B, 1, Tq, Tk, dtype=scores.dtype, device=scores.device)
-        if bias is not None:
-            add[..., :Tl] = add[..., :Tl] + bias
-        scores = scores + add
-        visible = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
-        if rvalid is not None:
-            visible[..., Tl:] &= rvalid[:, None, None, :]
-        if causal:
-            kpos = torch.cat([qpos, rpos])
-            visible &= (kpos.unsqueeze(0) <= qpos.unsqueeze(1))
-        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-        p = _softmax(scores, q.dtype)
-        if self.training and self.attn_dropout_p > 0:
-            p = F.dropout(p, self.attn_dropout_p, training=True)
-        return torch.matmul(p, vals)

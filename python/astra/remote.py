@@ -21,7 +21,8 @@ from torch import Tensor
 
 import astra_kernels
 
-__all__ = ["CodeSource", "KVSource", "RemoteSource", "Rope", "chunk_kernel", "ROPE_IN_KERNEL",
+__all__ = ["CodeSource", "KVSource", "RemoteSource", "Rope", "chunk_kernel", "chunk_torch",
+           "ROPE_IN_KERNEL",
            "ProjectedTables", "KernelTables", "affine_tables", "fold_stages"]
 
 # Whether the kernels rotate remote keys gathered from the projected tables (the
@@ -177,3 +178,34 @@ def chunk_kernel(q, k, v, remote: Optional[RemoteSource], lvalid, rvalid, causal
             rp = rpos[rv]
         outs.append(call(q[b:b + 1], k[b:b + 1, :, lv], v[b:b + 1, :, lv], rem, qpos[lv], rp))
     return torch.cat(outs, dim=0)
+
+
+def chunk_torch(q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos, scale: float,
+                dropout: float = 0.0) -> Tensor:
+    """One chunk in plain differentiable torch: queries ``q [B, H, Tq, d]`` against the
+    local keys ``k, v`` (at the queries' positions ``qpos``; ``bias`` added to their
+    scores) and the remote ``kr, vr [B, Hkv, Tr, d]`` (positions ``rpos``, ``rvalid``
+    the real ones); ``[B, H, Tq, d]``. ``dropout``: attention dropout (training)."""
+    rep = q.shape[1] // k.shape[1]
+    keys = torch.cat([k, kr], dim=2)
+    vals = torch.cat([v, vr], dim=2)
+    if rep > 1:
+        keys, vals = keys.repeat_interleave(rep, dim=1), vals.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    Tl = k.shape[2]
+    B, H, Tq, Tk = scores.shape
+    add = torch.zeros(B, 1, Tq, Tk, dtype=scores.dtype, device=scores.device)
+    if bias is not None:
+        add[..., :Tl] = add[..., :Tl] + bias
+    scores = scores + add
+    visible = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+    if rvalid is not None:
+        visible[..., Tl:] &= rvalid[:, None, None, :]
+    if causal:
+        kpos = torch.cat([qpos, rpos])
+        visible &= (kpos.unsqueeze(0) <= qpos.unsqueeze(1))
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout > 0:
+        p = torch.nn.functional.dropout(p, dropout, training=True)
+    return torch.matmul(p, vals)

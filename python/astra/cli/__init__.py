@@ -19,7 +19,7 @@ import sys
 from typing import List, Optional
 
 # command modules, in the order ``astra --help`` lists them
-COMMANDS = ("demo", "run", "bench", "eval", "finetune", "info")
+COMMANDS = ("demo", "run", "generate", "bench", "eval", "finetune", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,16 +2,17 @@
 chunks each rank holds, how codes travel, and the summary of a job's results."""
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["Job", "RunnerError", "STRATEGIES", "default_chunks", "job_codebooks", "wire_bits",
-           "check_device", "summarize"]
+__all__ = ["Job", "RunnerError", "STRATEGIES", "default_chunks", "chunk_cost", "attn_per_key",
+           "job_codebooks", "wire_bits", "check_device", "summarize"]
 
-STRATEGIES = ("single", "sp", "tp", "astra")
+STRATEGIES = ("single", "sp", "tp", "astra", "ring")
 
 
 class RunnerError(RuntimeError):
@@ -24,13 +25,20 @@ class Job:
 
     ``codebooks`` (astra): a tensor ``[L, G, K, D/G]`` (grouped) or an
     :class:`astra.Codebooks` (grouped or residual), or a residual tensor with
-    ``stage_sizes``. ``chunks``: content tokens per rank (default: balanced).
+    ``stage_sizes``. ``chunks``: content tokens per rank (default: balanced by
+    estimated cost, :func:`default_chunks`: equal for non-causal models, earlier ranks
+    more tokens for causal ones).
     ``output``: ``"full"`` hidden states / logits, or ``"compact"`` (what an application
     needs). ``link`` a :class:`~astra.parallel.links.LinkModel` applied as ``link_mode``
     (``model``: bandwidth + latency, ``latency``: latency only, over a real link;
     ``none``). ``clock``: ``wall`` or ``virtual`` (each rank's CPU time on one timeline).
     ``fault`` is a test hook (:data:`astra.parallel.worker.FAULTS`): ``"die:<rank>"``,
     ``"hang:<rank>"``, ``"corrupt:<rank>"``, ``"truncate:<rank>"``.
+    ``max_new_tokens > 0`` (causal LMs; ``single``, ``sp``, ``astra``): a generation
+    job (:mod:`astra.parallel.generate`): the ranks prefill ``inputs`` but its last
+    token, then the rank holding the last chunk generates with HF ``generate``
+    keyword arguments ``generation`` (``do_sample``, ``temperature``, ... and
+    ``seed``).
     """
 
     strategy: str
@@ -48,11 +56,91 @@ class Job:
     timeout_s: float = 60.0
     fault: Optional[str] = None
     name: str = ""
+    max_new_tokens: int = 0
+    generation: Optional[Dict[str, Any]] = None
 
 
-def default_chunks(n_content: int, world: int) -> List[int]:
-    """Balanced contiguous chunks: ``n_content`` tokens over ``world`` ranks."""
-    return [int(c.numel()) for c in torch.tensor_split(torch.arange(n_content), world)]
+def default_chunks(n_content: int, world: int, attn_per_key: float = 0.0) -> List[int]:
+    """Contiguous chunks of ``n_content`` tokens over ``world`` ranks, balanced by cost.
+
+    Cost model (per layer): the token at position ``p`` (0-based) costs
+    ``1 + attn_per_key * (p + 1)`` in units of one token's linear FLOPs (projections and
+    MLP): a causal query attends to ``p + 1`` keys (see :func:`attn_per_key`). With
+    ``attn_per_key == 0`` (non-causal models: every query attends to every key, so
+    all tokens cost alike) the chunks are ``torch.tensor_split``'s: equal, the first
+    ``n % world`` one token longer. Otherwise the split minimizes the costliest rank's
+    cost, then maximizes the cheapest's (so estimated costs lie within the last
+    token's cost of each other); chunk sizes are non-increasing (earlier ranks, whose
+    tokens see fewer keys, take more of them) and positive.
+    """
+    if attn_per_key < 0:
+        raise ValueError(f"attn_per_key must be >= 0, got {attn_per_key}")
+    if attn_per_key == 0 or world == 1 or n_content <= world:
+        return [int(c.numel()) for c in torch.tensor_split(torch.arange(n_content), world)]
+    bounds = _balanced_bounds(n_content, world, float(attn_per_key))
+    if bounds is None:  # no candidate split (cannot happen for n > world; be safe)
+        return default_chunks(n_content, world)
+    # swapping an inverted adjacent pair never raises the pair's max nor lowers its min
+    return sorted((bounds[i + 1] - bounds[i] for i in range(world)), reverse=True)
+
+
+def chunk_cost(lo: int, hi: int, attn_per_key: float) -> float:
+    """Estimated cost of tokens ``[lo, hi)`` under :func:`default_chunks`' model."""
+    return (hi - lo) + attn_per_key * (hi * (hi + 1) - lo * (lo + 1)) / 2
+
+
+def _balanced_bounds(n: int, world: int, w: float, reach: int = 2) -> Optional[List[int]]:
+    """Chunk boundaries ``[0, b_1, ..., n]``: each ``b_k`` within ``reach`` tokens of
+    where the cumulative cost reaches ``k/world`` of the total; among those, the least
+    maximum cost, then the largest minimum (two exact passes over the candidates)."""
+    total = chunk_cost(0, n, w)
+    cand = [[0]]
+    for k in range(1, world):  # cost(0, x) = k/world * total, solved for real x
+        t = k * total / world
+        x = (math.sqrt((1 + w / 2) ** 2 + 2 * w * t) - (1 + w / 2)) / w
+        lo, hi = k, n - world + k  # room for one token on every rank
+        cand.append(list(range(min(max(lo, math.floor(x) - reach), hi),
+                               max(min(hi, math.ceil(x) + reach), lo) + 1)))
+    cand.append([n])
+    best = {0: 0.0}  # boundary -> least bottleneck of the chunks before it
+    for k in range(1, world + 1):
+        best = {b: min((max(m, chunk_cost(p, b, w)) for p, m in best.items() if p < b),
+                       default=math.inf) for b in cand[k]}
+    if best[n] == math.inf:
+        return None
+    cap = best[n] * (1 + 1e-12)
+    rows = [{0: (math.inf, None)}]  # boundary -> (largest minimum, previous boundary)
+    for k in range(1, world + 1):
+        row = {}
+        for b in cand[k]:
+            pick = (-math.inf, None)
+            for p, (low, _) in rows[-1].items():
+                c = chunk_cost(p, b, w)
+                if p < b and c <= cap and low > -math.inf and min(low, c) > pick[0]:
+                    pick = (min(low, c), p)
+            row[b] = pick
+        rows.append(row)
+    bounds = [n]
+    for k in range(world, 0, -1):
+        bounds.append(rows[k][bounds[-1]][1])
+    return bounds[::-1]
+
+
+def attn_per_key(model, adapter) -> float:
+    """The causal cost weight of ``model`` for :func:`default_chunks`: attention FLOPs
+    per key a query attends (``4·H·d``: scores and values) over the linear FLOPs of
+    one token in a block (``2·`` the block's matrix weights: q/k/v/o projections and
+    the MLP, whatever their shapes, GQA and gated MLPs included). 0 for non-causal
+    models (all tokens cost alike) and models without the HF config fields."""
+    if not adapter.causal:
+        return 0.0
+    cfg = getattr(model, "config", None)
+    H = getattr(cfg, "num_attention_heads", None)
+    if not H:
+        return 0.0
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    linear = 2 * sum(p.numel() for p in adapter.layers(model)[0].parameters() if p.dim() >= 2)
+    return 4.0 * H * d / linear if linear else 0.0
 
 
 def job_codebooks(job: Job):

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -35,7 +35,8 @@ def _free_port() -> int:
 
 def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
            netns=None, startup_timeout_s: float = 120.0,
-           device: str = "cpu") -> List[List[Dict[str, Any]]]:
+           device: str = "cpu", stream: Optional[Callable[[List[int]], None]] = None
+           ) -> List[List[Dict[str, Any]]]:
     """Run ``jobs`` on ``world`` fresh worker processes; returns ``results[job][rank]``.
 
     ``model``: a :class:`~astra.catalog.ModelSpec` every rank builds.
@@ -46,6 +47,10 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
 
     ``netns``: a :class:`~astra.parallel.netns.NetnsLab` (entered) to start rank r in
     its namespace; rank 0's lab address is the rendezvous.
+
+    ``stream``: called in this process with the ids a generation job's decoding rank
+    has generated since the last call (``[]`` once at the end of each pass), while the
+    ranks run.
     """
     jobs = list(jobs)
     check_device(device, [j.clock for j in jobs])
@@ -63,6 +68,7 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                            OMP_NUM_THREADS=str(threads),
                            ASTRA_CPU_LOCK=os.path.join(tmp, "cpu.lock"),
+                           ASTRA_STREAM=os.path.join(tmp, "stream.txt") if stream else "",
                            PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
                 cmd = [sys.executable, "-m", "astra.parallel.worker", jobfile, tmp]
                 if netns is not None:
@@ -74,7 +80,7 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
                 logs.append(log)
                 procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))
-            _watch(procs, logs, budget)
+            _watch(procs, logs, budget, _Tail(os.path.join(tmp, "stream.txt"), stream))
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -88,7 +94,7 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
 
 
 _PASS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
-         "ASTRA_CPU_LOCK",
+         "ASTRA_CPU_LOCK", "ASTRA_STREAM",
          "PYTHONPATH", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE", "ASTRA_CACHE", "PATH", "HOME")
 
 
@@ -98,9 +104,37 @@ def _tail(log, n=3000) -> str:
     return log.read()[-n:]
 
 
-def _watch(procs, logs, budget: float) -> None:
+class _Tail:
+    """Hands the lines appended to a generation job's stream file to ``fn``."""
+
+    def __init__(self, path: str, fn):
+        self.path, self.fn, self.pos, self.buf = path, fn, 0, ""
+
+    def poll(self) -> None:
+        if self.fn is None or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            f.seek(self.pos)
+            self.buf += f.read()
+            self.pos = f.tell()
+        *lines, self.buf = self.buf.split("\n")
+        ids = []
+        for line in lines:
+            if line == "end":
+                self.fn(ids)
+                self.fn([])
+                ids = []
+            elif line:
+                ids.append(int(line))
+        if ids:
+            self.fn(ids)
+
+
+def _watch(procs, logs, budget: float, tail: Optional[_Tail] = None) -> None:
     t_end = time.monotonic() + budget
     while True:
+        if tail is not None:
+            tail.poll()
         codes = [p.poll() for p in procs]
         bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
         if bad:
@@ -117,6 +151,8 @@ def _watch(procs, logs, budget: float) -> None:
                              if procs[q].poll() not in (None, 0) or q == r)
             raise RunnerError(f"rank {r} failed (exit {codes[r]}); the run was stopped.\n{msgs}")
         if all(c == 0 for c in codes):
+            if tail is not None:
+                tail.poll()  # what was written after the last poll
             return
         if time.monotonic() > t_end:
             raise RunnerError(f"the run did not finish within {budget:.0f} s; stopped")

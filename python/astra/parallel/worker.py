@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from .job import Job, default_chunks, job_codebooks, wire_bits
+from .job import Job, attn_per_key, default_chunks, job_codebooks, wire_bits
+from .ring import setup_ring as _setup_ring
 
 __all__ = ["STRATEGIES", "FAULTS", "run_jobs", "serve"]
 
@@ -83,7 +84,9 @@ def _setup_tp(r: RankRun, codebooks) -> bool:
 
 
 def _setup_single(r: RankRun, codebooks) -> bool:
-    if r.adapter.causal:  # the plain HF blocks need the model's causal mask; N=1 patch = original
+    if r.adapter.causal and not r.job.max_new_tokens:
+        # the plain HF blocks need the model's causal mask; N=1 patch = original
+        # (generation calls the whole model: plain HF, its own cache)
         import astra
         astra.patch(r.model, None, devices=1)
         return True
@@ -133,6 +136,7 @@ STRATEGIES: Dict[str, Strategy] = {
     "sp": Strategy(_setup_sequence, _forward_sequence),
     "tp": Strategy(_setup_tp, _forward_tp),
     "astra": Strategy(_setup_sequence, _forward_sequence),
+    "ring": Strategy(_setup_ring, _forward_sequence),
 }
 
 
@@ -192,7 +196,12 @@ def _prepare(job: Job, model, rank: int, world: int, device: torch.device):
         raise ValueError(f"unknown strategy {job.strategy!r}")
     ad = resolve(model)[1]
     n = ad.n_content(model, job.inputs)
-    chunks = job.chunks or default_chunks(n, world)
+    if job.max_new_tokens:  # the prompt's last token is the first the decoder feeds
+        if not ad.causal or job.strategy not in ("single", "sp", "astra"):
+            raise ValueError(f"generation needs a causal LM and strategy single, sp or "
+                             f"astra; got {ad.family} with {job.strategy!r}")
+        n -= 1
+    chunks = job.chunks or default_chunks(n, world, attn_per_key(model, ad))
     if sum(chunks) != n or min(chunks) < 1:
         raise ValueError(f"chunks {chunks} must be positive and sum to {n} tokens")
     lo = sum(chunks[:rank])
@@ -242,7 +251,11 @@ def run_job(job: Job, model, rank: int, world: int,
     job = dataclasses.replace(job, inputs=job.inputs.to(device))
     run, cbs, wb, chunks = _prepare(job, model, rank, world, device)
     strategy = STRATEGIES[job.strategy]
-    forward = _inject(job, rank, run.comm, strategy.forward)
+    forward = strategy.forward
+    if job.max_new_tokens:
+        from .generate import generate_forward
+        forward = lambda r: generate_forward(r, job)  # noqa: E731
+    forward = _inject(job, rank, run.comm, forward)
     patched = strategy.setup(run, cbs)
     try:
         with torch.no_grad():
@@ -254,7 +267,8 @@ def run_job(job: Job, model, rank: int, world: int,
             astra.unpatch(model)
     return dict(name=job.name, strategy=job.strategy, wire=job.wire, rank=rank, times=times,
                 bytes_sent=sent, waits=waits, collectives=stats, chunks=chunks,
-                output=out.cpu() if rank == 0 and out is not None else None,
+                output=out.cpu() if rank == 0 and torch.is_tensor(out) else None,
+                generation=out if isinstance(out, dict) else None,
                 bits=wb["bits"], G=wb["G"], K=wb["K"], stage_bits=wb["stage_bits"],
                 bits_per_token=(None if cbs is None else
                                 [cbs.layer_bits(i) for i in range(cbs.num_layers)]))
