@@ -2,7 +2,9 @@
 
 Calibrates codebooks by a method (:class:`astra.calibrate.Method`), runs the model for N
 simulated devices and prints its cosines to the single-device model (and the task
-metric where the model has one); see :mod:`astra.evaluate`.
+metric where the model has one); see :mod:`astra.evaluate`. Causal LLMs (``smollm2``,
+a ``.gguf`` file, a Llama-family HF folder) get perplexity, top-1 agreement on the last
+device's chunk and greedy-continuation agreement instead; see :mod:`astra.evaluate_llm`.
 """
 from __future__ import annotations
 
@@ -14,14 +16,18 @@ from typing import List, Optional
 
 from ._args import add_residual_options, layer_stages_arg
 
+GREEDY_TOKENS = 32  # astra.evaluate_llm.GREEDY_TOKENS (not imported: --help stays quick)
+
 
 def register(subparsers) -> None:
     from astra.calibrate import Method
     p = subparsers.add_parser(
-        "eval", help="quality of Astra vs one device on a real model (embedding cosine)",
+        "eval", help="quality of Astra vs one device on a real model (embedding cosine; "
+        "perplexity and agreement for causal LLMs)",
         description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="minilm",
-                   help="minilm | digits-vit | byte-gpt2 | local HF folder | HF type | timm name")
+                   help="minilm | digits-vit | byte-gpt2 | smollm2 | .gguf file | local HF "
+                   "folder | HF type | timm name")
     p.add_argument("--devices", type=int, default=4, help="N simulated devices")
     p.add_argument("--groups", type=int, default=1, help="G groups per token")
     p.add_argument("--codebook-size", type=int, default=1024, help="K (first stage's K)")
@@ -30,15 +36,24 @@ def register(subparsers) -> None:
     p.add_argument("--distill", type=int, default=0, metavar="STEPS",
                    help="codebook distillation steps after k-means (0: none)")
     p.add_argument("--distill-lr", type=float, default=Method.distill_lr)
-    p.add_argument("--iters", type=int, default=Method.iters, help="Lloyd iterations")
+    p.add_argument("--iters", type=int, help=f"Lloyd iterations (default {Method.iters}; "
+                   "causal LLMs 8, as the catalogue's cached codebooks)")
     p.add_argument("--max-points", type=int, default=Method.max_points,
                    help="k-means points per layer (random subset)")
     p.add_argument("--init", default=Method.init, choices=("sampled", "k-means++", "random"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: even "
                    "pydoc topics)")
-    p.add_argument("--text", metavar="FILE", help="evaluation text (default: odd pydoc topics)")
-    p.add_argument("--limit", type=int, help="at most this many evaluation inputs")
+    p.add_argument("--text", metavar="FILE", help="evaluation text (default: held-out pydoc "
+                   "topics)")
+    p.add_argument("--limit", type=int, help="at most this many evaluation inputs (causal "
+                   "LLMs: windows)")
+    p.add_argument("--tokens", type=int, default=2048, help="causal LLMs: tokens per "
+                   "evaluation window (at most the model's positions)")
+    p.add_argument("--prompts", type=int, default=4, help="causal LLMs: prompts (the first "
+                   f"windows, cut) whose {GREEDY_TOKENS} greedy tokens are compared; 0: none")
+    p.add_argument("--prompt-tokens", type=int, default=512,
+                   help="causal LLMs: tokens of each prompt")
     p.add_argument("--calib-limit", type=int, help="at most this many calibration inputs")
     p.add_argument("--no-cache", action="store_true", help="refit even if cached")
     p.add_argument("--json", metavar="PATH", help="write the result row as JSON")
@@ -48,14 +63,25 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+def _method(args: argparse.Namespace, causal_lm: bool):
+    from astra.calibrate import Method
+    from astra.evaluate_llm import CALIB_ITERS
+    iters = args.iters if args.iters is not None else (
+        CALIB_ITERS if causal_lm else Method.iters)
+    return Method(groups=args.groups, codebook_size=args.codebook_size, stages=args.residual,
+                  layer_stages=layer_stages_arg(args.layer_residual),
+                  distill_steps=args.distill, distill_lr=args.distill_lr, iters=iters,
+                  max_points=args.max_points, init=args.init, seed=args.seed)
+
+
 def main(args: argparse.Namespace) -> int:
-    from astra.calibrate import Method, calibrate
+    from astra.calibrate import calibrate
     from astra.evaluate import attribute_layers, evaluate, load_task
-    method = Method(groups=args.groups, codebook_size=args.codebook_size, stages=args.residual,
-                    layer_stages=layer_stages_arg(args.layer_residual),
-                    distill_steps=args.distill, distill_lr=args.distill_lr, iters=args.iters,
-                    max_points=args.max_points, init=args.init, seed=args.seed)
+    from astra.evaluate_llm import is_causal_lm
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    if is_causal_lm(args.model):
+        return main_llm(args, _method(args, True), log)
+    method = _method(args, False)
     task = load_task(args.model, calib_text=args.calib_text, text=args.text, limit=args.limit,
                      calib_limit=args.calib_limit, seed=args.seed)
     log(f"{task.name}: {method.describe()}, N={args.devices}, "
@@ -80,6 +106,34 @@ def main(args: argparse.Namespace) -> int:
             print(f"  only layer {r['layer']} quantized: embedding cosine "
                   f"{r['emb_cos_mean']:.4f} (min {r['emb_cos_min']:.4f}), "
                   f"token cosine {r['tok_cos_mean']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
+    return 0
+
+
+def main_llm(args: argparse.Namespace, method, log) -> int:
+    """``astra eval`` for a causal LLM: perplexity and agreement (:mod:`astra.evaluate_llm`)."""
+    from astra.evaluate_llm import evaluate_llm
+    if args.attribute:
+        raise ValueError("--attribute is for the embedding models, not causal LLMs")
+    row = evaluate_llm(args.model, method, args.devices, text=args.text, tokens=args.tokens,
+                       limit=args.limit, prompts=args.prompts,
+                       prompt_tokens=args.prompt_tokens, calib_text=args.calib_text,
+                       calib_limit=args.calib_limit, cache=not args.no_cache,
+                       progress=not args.quiet, log=log)
+    single, astra = row["ppl_single"], row["ppl_astra"]
+    print(f"{row['model']}  N={row['devices']}  {method.describe()}  "
+          f"{row['bits_per_token_per_layer']:g} bits/token/layer  "
+          f"{row['windows']} windows x {row['tokens']} tokens")
+    print(f"  perplexity            single device {single:.4f}  Astra {astra:.4f}  "
+          f"({100 * (astra / single - 1):+.1f}%)")
+    print(f"  top-1 agreement       {row['top1_agreement']:.4f}  (last device's chunk)")
+    same = row[f"greedy{GREEDY_TOKENS}_identical"]
+    if same is not None:
+        print(f"  greedy {GREEDY_TOKENS} identical    {same:.4f}  ({round(same * row['prompts'])}"
+              f"/{row['prompts']} prompts of {row['prompt_tokens']} tokens)")
+    print(f"  calibrate {row['calibrate_s']} s, evaluate {row['eval_s']} s, "
+          f"total {row['elapsed_s']} s")
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
     return 0

