@@ -24,10 +24,13 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
              strategies: List[str], wires: List[str], link: str = "emulated",
              tokens: int = 256, repeats: int = 3, timeout_s: float = 300.0,
              setup_result=None, quiet: bool = False, medium: str = "shared",
-             warmup: int = 1) -> List[dict]:
-    """Every strategy (sp/tp once per wire) at every bandwidth on ``devices`` ranks;
+             warmup: int = 1, decode_tokens: int = 0) -> List[dict]:
+    """Every strategy (sp/tp/ring once per wire) at every bandwidth on ``devices`` ranks;
     the rows, printed as a table unless ``quiet``. ``setup_result``: a
-    :class:`astra.catalog.Prepared` to reuse (default: :func:`astra.catalog.prepare`)."""
+    :class:`astra.catalog.Prepared` to reuse (default: :func:`astra.catalog.prepare`).
+    ``decode_tokens`` (causal LMs): also generate that many tokens after the prompt by
+    ``single`` and ``astra`` at the first bandwidth (rows with ``decode_tok_s``, the
+    time to first token ``ttft_ms`` and the whole request ``request_ms``)."""
     from astra import catalog
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, launch, summarize
@@ -38,7 +41,7 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
     for bw in bandwidths:
         lk = LinkModel(bw, latency_ms, medium=medium)
         for s in strategies:
-            for w in (wires if s in ("sp", "tp") else ["-"]):
+            for w in (wires if s in WIRED else ["-"]):
                 if s == "single" and bw != bandwidths[0]:
                     continue
                 jobs.append(Job(s, inputs, wire=w if w != "-" else "fp32",
@@ -46,7 +49,18 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
                                 link=lk, link_mode="latency" if link == "netns" else "model",
                                 clock=clock, repeats=repeats, warmup=warmup, timeout_s=timeout_s))
                 keys.append((bw, s, w))
+    gen_keys = []
+    for s in (("single", "astra") if decode_tokens else ()):
+        if s in strategies:
+            jobs.append(Job(s, inputs, codebooks=cbs if s == "astra" else None, output="compact",
+                            link=LinkModel(bandwidths[0], latency_ms, medium=medium),
+                            clock=clock, repeats=1, warmup=0, timeout_s=timeout_s,
+                            max_new_tokens=decode_tokens,
+                            generation=dict(do_sample=False, min_new_tokens=decode_tokens)))
+            gen_keys.append((bandwidths[0], s, "decode"))
     if link == "netns":
+        if gen_keys:
+            raise ValueError("--decode runs on the emulated or virtual link")
         from astra.parallel.netns import NetnsLab
         if len(bandwidths) != 1:
             rows = []
@@ -64,7 +78,41 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
                       medium=medium)
             for key, res in zip(keys, results)]
     add_speedups(rows, devices, L, latency_ms)
-    return _finish_rows(rows, quiet)
+    gen_rows = [decode_row(name, key, res, devices, decode_tokens)
+                for key, res in zip(gen_keys, results[len(keys):])]
+    out = _finish_rows(rows, quiet)
+    if gen_rows and not quiet:
+        print_decode(gen_rows)
+    return out + gen_rows
+
+
+WIRED = ("sp", "tp", "ring")  # the strategies whose bytes --wire sets
+
+
+def decode_row(model: str, key, res: List[dict], devices: int, new_tokens: int) -> dict:
+    """A generation job's row: TTFT, decode tokens/s, the whole request, the cache."""
+    bw, s, _ = key
+    g = next(r["generation"] for r in res if r.get("generation"))
+    request = g["ttft_s"] + max(g["new_tokens"] - 1, 0) / g["decode_tok_s"] \
+        if g["decode_tok_s"] else g["ttft_s"]
+    return dict(model=model, strategy=s, wire="decode", devices=1 if s == "single" else devices,
+                bandwidth_mbps=bw, ttft_ms=g["ttft_s"] * 1e3, decode_tok_s=g["decode_tok_s"],
+                new_tokens=g["new_tokens"], request_ms=request * 1e3,
+                remote_kv_bytes=g["remote_kv_bytes"],
+                remote_kv_fp16_bytes=g["remote_kv_fp16_bytes"])
+
+
+def print_decode(rows: List[dict]) -> None:
+    """The generation rows, the single device's decode rate as the anchor."""
+    single = next((r for r in rows if r["strategy"] == "single"), None)
+    print(f"\n{'decode':<9}{'N':>3}{'TTFT ms':>10}{'tok/s':>8}{'vs single':>11}"
+          f"{'request ms':>12}{'remote KV B':>13}{'fp16 K/V B':>13}")
+    for r in rows:
+        ratio = (f"{r['decode_tok_s'] / single['decode_tok_s']:.2f}x"
+                 if single and single["decode_tok_s"] else "-")
+        print(f"{r['strategy']:<9}{r['devices']:>3}{r['ttft_ms']:>10.0f}"
+              f"{r['decode_tok_s']:>8.1f}{ratio:>11}{r['request_ms']:>12.0f}"
+              f"{r['remote_kv_bytes']:>13,}{r['remote_kv_fp16_bytes']:>13,}")
 
 
 def table_row(model: str, key, summary: dict, devices: int, link_latency_ms: float, link: str,
@@ -117,6 +165,7 @@ def plot(rows: List[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     series = {}
+    rows = [r for r in rows if "latency_ms" in r]  # generation rows have their own table
     for r in rows:
         series.setdefault(f"{r['strategy']}" + (f" {r['wire']}" if r["wire"] != "-" else ""),
                           []).append((r["bandwidth_mbps"], r["latency_ms"]))

@@ -1,4 +1,4 @@
-"""``astra bench kernels | e2e | accuracy``."""
+"""``astra bench kernels | e2e | accuracy | llamacpp``."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,7 @@ def register(sub) -> None:
     k.set_defaults(func=kernels_main)
     _register_e2e(bsub)
     _register_accuracy(bsub)
+    _register_llamacpp(bsub)
 
 
 def kernels_main(args: argparse.Namespace) -> int:
@@ -34,20 +35,25 @@ def kernels_main(args: argparse.Namespace) -> int:
 def _register_e2e(bsub) -> None:
     from astra.parallel.job import STRATEGIES
     e = bsub.add_parser("e2e", help="end-to-end latency of single/tp/sp/astra over a link")
-    e.add_argument("--model", default="vit-base", help="vit-base | gpt2 | minilm")
+    e.add_argument("--model", default="vit-base",
+                   help="vit-base | gpt2 | minilm | smollm2 | a local HF folder or .gguf file")
     e.add_argument("--devices", type=positive_int, default=4)
     e.add_argument("--bandwidth", type=csv_floats, default=[10.0], help="Mbit/s, comma-separated")
     e.add_argument("--latency-ms", type=float, default=0.5, help="one-way latency per transfer")
     e.add_argument("--strategies", type=csv_choices(*STRATEGIES),
                    default=["single", "tp", "sp", "astra"])
     e.add_argument("--wire", type=csv_choices("fp32", "fp16", "int8"), default=["fp32"],
-                   help="fp32,fp16,int8 (comma-separated)")
+                   help="fp32,fp16,int8 (comma-separated): what sp, tp and ring send")
     e.add_argument("--link", choices=("emulated", "netns", "virtual"), default="emulated")
     e.add_argument("--tokens", type=positive_int, default=256, help="sequence length (text models)")
     e.add_argument("--medium", choices=("shared", "switched"), default="shared",
                    help="shared: one channel for all transfers (Wi-Fi); switched: per-port links")
     e.add_argument("--repeats", type=positive_int, default=3)
     e.add_argument("--warmup", type=int, default=1)
+    e.add_argument("--decode", type=int, default=0, metavar="TOKENS",
+                   help="causal LMs: also generate TOKENS after the prompt (single, astra): "
+                   "TTFT, decode tokens/s, the whole request; with llama.cpp on one device "
+                   "beside them where `astra bench llamacpp --build` has built it")
     e.add_argument("--json", metavar="PATH")
     e.add_argument("--plot", metavar="PATH.png")
     e.set_defaults(func=e2e_main)
@@ -59,15 +65,44 @@ def e2e_main(args: argparse.Namespace) -> int:
     from astra.bench import e2e
     from astra.catalog import get
     get(args.model)  # an unknown model fails here, before any rank starts
+    if args.decode < 0:
+        raise ValueError(f"--decode must be >= 0, got {args.decode}")
     rows = e2e.run_grid(args.model, args.devices, args.bandwidth, args.latency_ms,
                         args.strategies, args.wire, args.link, args.tokens, args.repeats,
-                        medium=args.medium, warmup=args.warmup)
+                        medium=args.medium, warmup=args.warmup, decode_tokens=args.decode)
+    anchor = _llamacpp_anchor(args)
+    if anchor:
+        rows.append(anchor)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.plot:
         e2e.plot(rows, args.plot)
     return 0
+
+
+def _llamacpp_anchor(args: argparse.Namespace):
+    """llama.cpp on one device, same GGUF, one thread (as each rank), printed beside the
+    table when it is built; None otherwise (or for a model that is no GGUF)."""
+    from astra.bench import llamacpp
+    try:
+        gguf = llamacpp.resolve_model(args.model)
+    except ValueError:
+        return None
+    got = llamacpp.anchor_rows(gguf, 1, args.tokens, max(args.decode, 1), repeats=2,
+                               depth=args.tokens)
+    if not got:
+        print("(llama.cpp anchor: not built; `astra bench llamacpp --build` builds it once)")
+        return None
+    prompt_ms = 1e3 * args.tokens / got["pp_tok_s"]
+    request = prompt_ms + 1e3 * max(args.decode - 1, 0) / got["tg_tok_s"]
+    print(f"llama.cpp, one device, 1 thread: prompt {args.tokens} tokens {prompt_ms:.0f} ms "
+          f"({got['pp_tok_s']:.0f} tok/s), decode {got['tg_tok_s']:.1f} tok/s after "
+          f"{args.tokens} tokens of context"
+          + (f", request {request:.0f} ms" if args.decode else ""))
+    return dict(model=args.model, strategy="llama.cpp", wire="-", devices=1,
+                ttft_ms=prompt_ms, decode_tok_s=got["tg_tok_s"], request_ms=request,
+                pp_tok_s=got["pp_tok_s"], build=got.get("build"))
 
 
 def _register_accuracy(bsub) -> None:
@@ -108,4 +143,46 @@ def accuracy_main(args: argparse.Namespace) -> int:
     print(md)
     print(f"rows: {out / 'accuracy.json'}; tables: {out / 'accuracy.md'}; plot: "
           f"{out / 'accuracy.png'} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _register_llamacpp(bsub) -> None:
+    p = bsub.add_parser("llamacpp", help="the LLM speed anchor: llama.cpp's llama-bench on one "
+                        "device, same GGUF, same threads (build once with --build)")
+    p.add_argument("--build", action="store_true",
+                   help="build llama-bench first if missing (~10 min on 2 cores; needs cmake, "
+                   "a C++ compiler and PyPI; cached)")
+    p.add_argument("--model", default="smollm2", help="smollm2 | PATH.gguf")
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--tokens", type=positive_int, default=2048, help="prompt tokens")
+    p.add_argument("--gen", type=positive_int, default=128, help="decoded tokens")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    p.set_defaults(func=llamacpp_main)
+
+
+def llamacpp_main(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    import time
+
+    from astra.bench import llamacpp
+    gguf = llamacpp.resolve_model(args.model)
+    binary = llamacpp.llama_bench_path()
+    try:
+        if binary is None:
+            if not args.build:
+                raise ValueError("llama-bench is not built: run `astra bench llamacpp --build` "
+                                 f"once (~10 min on 2 cores) or set ${llamacpp.ENV_BINARY}")
+            t0 = time.perf_counter()
+            binary = llamacpp.build(progress=True)
+            print(f"built {binary} in {time.perf_counter() - t0:.0f} s")
+        r = llamacpp.run(gguf, args.threads, args.tokens, args.gen, args.repeats, binary=binary)
+    except llamacpp.LlamaCppError as e:
+        print(f"astra bench llamacpp: {e}", file=sys.stderr)
+        return 1
+    print(llamacpp.format_result(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
     return 0
