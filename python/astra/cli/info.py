@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import platform
+import textwrap
 
 
 def register(sub) -> None:
@@ -40,4 +41,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"{'op':<18}" + "".join(f"{d:<12}" for d in devices))
     for op, per_dev in info.items():
         print(f"{op:<18}" + "".join(f"{per_dev[d]:<12}" for d in devices))
+    print()
+    print(textwrap.fill(
+          "mixed_attention paths: remote keys gathered from the projected tables (every "
+          "model), or attention in codebook space (G = 1: remote tokens sharing a code are "
+          "one key) for models without RoPE only. A rotated key depends on its position, "
+          "so with RoPE (the Llama family) every backend gathers and rotates each remote "
+          "key.", 88))
     return 0

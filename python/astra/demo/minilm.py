@@ -1,4 +1,4 @@
-"""``astra demo``: the main job in one command.
+"""``astra demo --model minilm``: sentence embeddings across devices.
 
 Real all-MiniLM-L6-v2 weights (BERT, 6 layers, D=384), long passages (512 tokens) of
 the embedded pydoc text, 4 devices on an emulated 10 Mbit/s shared link (0.5 ms one-way
@@ -32,8 +32,8 @@ def demo_codebooks(model, devices: int = DEVICES, progress: bool = True):
     once on :func:`astra.catalog.inputs.minilm_calibration` and cached. The last
     layer's errors are the ones no later layer absorbs, so the extra bits go there
     (the comparison with plain 10-bit codebooks is in bench/RESULTS.md)."""
-    from .calibrate import Method, calibrate
-    from .catalog.inputs import minilm_calibration
+    from ..calibrate import Method, calibrate
+    from ..catalog.inputs import minilm_calibration
     calib = minilm_calibration(tokens=TOKENS)
     batches = [calib[i:i + 4] for i in range(0, len(calib), 4)]
     log = print if progress else (lambda s: None)
@@ -58,11 +58,11 @@ def run(devices: int = DEVICES, bandwidths=BANDWIDTHS, latency_ms: float = LATEN
 
     import torch
 
-    from . import catalog
-    from .bench import e2e
-    from .catalog.inputs import minilm_inputs
-    from .parallel.links import LinkModel
-    from .parallel.runner import Job, launch, summarize
+    from .. import catalog
+    from ..bench import e2e
+    from ..catalog.inputs import minilm_inputs
+    from ..parallel.links import LinkModel
+    from ..parallel.runner import Job, launch, summarize
 
     t_start = time.monotonic()
     spec = catalog.ModelSpec(catalog.factories.minilm)
