@@ -219,3 +219,18 @@ def test_cli_generate_refuses_bad_input_in_one_line(argv, msg, capsys):
     assert main(["generate", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+def test_bench_e2e_decode_rows(tiny_folder, tmp_path, monkeypatch, capsys):
+    """``astra bench e2e --decode N``: generation rows for single and astra beside HF's
+    own generate, on the same prompt."""
+    from astra.bench import e2e
+    monkeypatch.setenv("ASTRA_CACHE", str(tmp_path / "cache"))
+    rows = e2e.run_grid(str(tiny_folder), 2, [10.0], 0.5, ["single", "astra"], ["fp32"],
+                        link="virtual", tokens=24, repeats=1, warmup=0, decode_tokens=3)
+    dec = {r["strategy"]: r for r in rows if r["wire"] == "decode"}
+    assert set(dec) == {"single", "astra", "hf generate"}
+    assert all(r["new_tokens"] == 3 and r["decode_tok_s"] > 0 for r in dec.values())
+    assert dec["astra"]["remote_kv_bytes"] > 0 and dec["single"]["remote_kv_bytes"] == 0
+    assert dec["astra"]["remote_kv_fp16_bytes"] > dec["astra"]["remote_kv_bytes"]
+    assert "vs HF" in capsys.readouterr().out

@@ -80,6 +80,8 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
     add_speedups(rows, devices, L, latency_ms)
     gen_rows = [decode_row(name, key, res, devices, decode_tokens)
                 for key, res in zip(gen_keys, results[len(keys):])]
+    if gen_rows:
+        gen_rows.append(hf_generate_anchor(spec, inputs, decode_tokens))
     out = _finish_rows(rows, quiet)
     if gen_rows and not quiet:
         print_decode(gen_rows)
@@ -87,6 +89,39 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
 
 
 WIRED = ("sp", "tp", "ring")  # the strategies whose bytes --wire sets
+
+
+def hf_generate_anchor(spec, inputs, new_tokens: int) -> dict:
+    """The plain HF model (unpatched, its SDPA attention and dynamic cache), one thread,
+    in this process: ``generate`` after the prompt, timed like the generation jobs
+    (prefill of all but the last prompt token, then the decode) — the anchor the decode
+    rows are read against."""
+    import time
+
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    from astra.generation import cache_kw
+    model = spec.build()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            cache, kw = DynamicCache(), {}
+            kw[cache_kw(model)] = cache
+            t0 = time.perf_counter()
+            model(inputs[:, :-1], use_cache=True, **kw)
+            t1 = time.perf_counter()
+            model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           pad_token_id=0, **kw)
+            t2 = time.perf_counter()
+    finally:
+        torch.set_num_threads(threads)
+    return dict(model="hf", strategy="hf generate", wire="decode", devices=1,
+                bandwidth_mbps=0.0, ttft_ms=None, prefill_ms=(t1 - t0) * 1e3,
+                decode_tok_s=new_tokens / (t2 - t1), new_tokens=new_tokens,
+                request_ms=(t2 - t0) * 1e3, remote_kv_bytes=0, remote_kv_fp16_bytes=0)
 
 
 def decode_row(model: str, key, res: List[dict], devices: int, new_tokens: int) -> dict:
@@ -103,15 +138,20 @@ def decode_row(model: str, key, res: List[dict], devices: int, new_tokens: int) 
 
 
 def print_decode(rows: List[dict]) -> None:
-    """The generation rows, the single device's decode rate as the anchor."""
+    """The generation rows, decode rates against one device (the fused kernels) and
+    against HF's own ``generate`` (the anchor)."""
     single = next((r for r in rows if r["strategy"] == "single"), None)
-    print(f"\n{'decode':<9}{'N':>3}{'TTFT ms':>10}{'tok/s':>8}{'vs single':>11}"
+    hf = next((r for r in rows if r["strategy"] == "hf generate"), None)
+
+    def ratio(r, ref):
+        return f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
+    print(f"\n{'decode':<12}{'N':>3}{'TTFT ms':>10}{'tok/s':>8}{'vs single':>11}{'vs HF':>8}"
           f"{'request ms':>12}{'remote KV B':>13}{'fp16 K/V B':>13}")
     for r in rows:
-        ratio = (f"{r['decode_tok_s'] / single['decode_tok_s']:.2f}x"
-                 if single and single["decode_tok_s"] else "-")
-        print(f"{r['strategy']:<9}{r['devices']:>3}{r['ttft_ms']:>10.0f}"
-              f"{r['decode_tok_s']:>8.1f}{ratio:>11}{r['request_ms']:>12.0f}"
+        ttft = f"{r['ttft_ms']:.0f}" if r["ttft_ms"] is not None else "-"
+        print(f"{r['strategy'][:12]:<12}{r['devices']:>3}{ttft:>10}"
+              f"{r['decode_tok_s']:>8.1f}{ratio(r, single):>11}{ratio(r, hf):>8}"
+              f"{r['request_ms']:>12.0f}"
               f"{r['remote_kv_bytes']:>13,}{r['remote_kv_fp16_bytes']:>13,}")
 
 

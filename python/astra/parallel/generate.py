@@ -5,8 +5,8 @@ rank holding the last chunk keeps its :class:`~astra.generation.AstraCache` (its
 keys/values exact, every earlier token as codes) and runs HF ``generate`` from there:
 the prompt's last token is the first one it feeds, so greedy decoding, sampling, EOS and
 the logits processors apply from the first generated token on, as on one device.
-Nothing crosses the link while it decodes. ``single``: rank 0 alone, the plain HF model
-and its own cache, the same two phases.
+Nothing crosses the link while it decodes. ``single``: rank 0 alone, the model patched
+for one device (the fused kernels; HF's own cache), the same two phases.
 
 Timing: the prefill on the job's clock (the last rank's: its chunk is the last to
 finish), the decode on the wall clock of the decoding rank (no link is involved).
