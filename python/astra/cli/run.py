@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
               chunks=args.chunks, output="compact", link=link,
               clock=args.clock, repeats=args.repeats, warmup=1)
     res = summarize(launch(run.spec, [job], args.devices, device=args.device)[0])
-    wire = f" wire={res['wire']}" if res["strategy"] in ("sp", "tp") else ""
+    wire = f" wire={res['wire']}" if res["strategy"] in ("sp", "tp", "ring") else ""
     if res["strategy"] == "astra" and describe_codebooks(run.codebooks):
         wire = f" ({describe_codebooks(run.codebooks)})"
     print(f"{args.model} {res['strategy']}{wire} N={args.devices}: "
