@@ -535,6 +535,48 @@ def test_mixed_attention_rope_edge_cases(backend):
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
+DECODE_SHAPES = [  # B, H, Hkv, Tq, Tl, Tr, d, G, K
+    (1, 9, 3, 1, 300, 700, 64, 1, 1024),  # GQA 9/3, one token; codebook space without rope
+    (2, 8, 2, 2, 129, 257, 80, 1, 50),    # 8 rows per kv head, key tile edges, d = 80
+    (1, 16, 2, 2, 60, 130, 128, 1, 40),   # 16 rows per kv head (the most that take rows)
+    (1, 4, 4, 1, 5, 40, 59, 2, 9),        # MHA, G = 2, head dim 59 (not whole vectors)
+]
+
+
+@pytest.mark.parametrize("backend,shape",
+                         grid(DECODE_SHAPES, small=lambda s: s[1] * s[3] * (s[4] + s[5]) <= 200),
+                         indirect=["backend"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["codes", "codes-rope", "materialized-rope"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_mixed_attention_decode(backend, shape, dtype, form, causal):
+    """Decode-sized queries (one or two tokens x the heads sharing a kv head; the CPU
+    kernel's row loop): GQA, codes with lost (-1) and out-of-range tokens, rope on the
+    remote keys, causal with interleaved positions."""
+    serves(backend, "mixed_attention")
+    B, H, Hkv, Tq, Tl, Tr, d, G, K = shape
+    dev = backend.device
+    q, k, v, codes, pk, pv = _inputs(*shape, dtype, dev, missing=0.1, seed=Tr)
+    codes[0, 3, 0] = K + 5  # with the range check off: a missing token
+    kw = dict(causal=causal, **(_interleaved(Tq, Tl, Tr, dev) if causal else {}))
+    if form.endswith("rope"):
+        pos = kw["remote_pos"].cpu() if causal else torch.arange(Tr) * 3
+        cos, sin = rope_cos_sin(pos + 11 * torch.arange(B)[:, None], d - d % 2)
+        kw.update(rope_cos=cos.to(dev), rope_sin=sin.to(dev))
+    if form.startswith("materialized"):
+        rk, rv, _ = remote_kv64(codes, pk, pv)
+        kw.update(remote_k=rk.to(dtype), remote_v=rv.to(dtype))
+    else:
+        kw.update(codes=codes, pk=pk, pv=pv)
+    ak.set_code_checks(False)
+    try:
+        got = ak.mixed_attention(q, k, v, **kw)
+    finally:
+        ak.set_code_checks(True)
+    check_mixed_attention(got, q, k, v, **kw, what=f"{backend} decode {shape} {form}",
+                          out_ulps=backend.ulps(dtype))
+
+
 # ----------------------------------------------------------------------------- merge_attention
 
 @pytest.mark.parametrize("backend", grid(), indirect=True)
