@@ -110,7 +110,7 @@ def hf_generate_anchor(spec, inputs, new_tokens: int) -> dict:
             cache, kw = DynamicCache(), {}
             kw[cache_kw(model)] = cache
             t0 = time.perf_counter()
-            model(inputs[:, :-1], use_cache=True, **kw)
+            model(inputs[:, :-1], use_cache=True, logits_to_keep=1, **kw)
             t1 = time.perf_counter()
             model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,

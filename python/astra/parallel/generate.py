@@ -91,7 +91,9 @@ def generate_forward(r, job) -> Optional[Dict[str, Any]]:
         if r.rank != 0:
             return None
         cache = DynamicCache()
-        r.model(prompt[:, :-1], use_cache=True, **{cache_kw(r.model): cache})
+        # the prompt's logits are not needed (logits_to_keep=1: no 49k-wide LM head over
+        # every position, as the distributed ranks skip it too)
+        r.model(prompt[:, :-1], use_cache=True, logits_to_keep=1, **{cache_kw(r.model): cache})
     else:
         cache = AstraCache() if r.rank == me else None
         _prefill(r, cache)
