@@ -165,7 +165,9 @@ def test_distill_moves_only_the_codebooks_and_lowers_the_loss():
         astra.unpatch(model)
         return v
 
-    out = distill(model, cb, batches, targets, _hidden, devices=4, steps=12, lr=3e-2,
+    # 30 steps: the loss (1 - cosine, ~1.5e-5 here) falls ~15%; 12 steps moved it by less
+    # than the kernels' fp32 summation order does (~1%), so the comparison was a coin flip
+    out = distill(model, cb, batches, targets, _hidden, devices=4, steps=30, lr=3e-2,
                   progress=False)
     assert out.tensor.shape == cb.tensor.shape and not torch.equal(out.tensor, cb.tensor)
     assert loss_of(out) < loss_of(cb)

@@ -66,7 +66,7 @@ def test_hf_folder_loads_with_identical_logits(tmp_path, tmp_cache):
     ref.save_pretrained(tmp_path / "tiny")
     assert (tmp_path / "tiny" / "model.safetensors").exists()
     m = llm.load_causal_lm(tmp_path / "tiny")
-    assert not m.training and m.config._attn_implementation == "eager"
+    assert not m.training and m.config._attn_implementation == "sdpa"
     assert all(p.dtype == torch.float32 for p in m.parameters())
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -203,7 +203,7 @@ def test_smollm2_converts_once_then_loads_from_cache(monkeypatch):
     assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
             c.num_key_value_heads, c.hidden_size // c.num_attention_heads) == \
         ("llama", 30, 576, 9, 3, 64)
-    assert not m.training and c._attn_implementation == "eager"
+    assert not m.training and c._attn_implementation == "sdpa"
     assert all(p.dtype == torch.float32 for p in m.parameters())
     spec, inputs = catalog.model_and_inputs("smollm2", 256)
     assert inputs.shape == (1, 256) and int(inputs.max()) < c.vocab_size
