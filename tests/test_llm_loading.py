@@ -68,7 +68,10 @@ def test_hf_folder_loads_with_identical_logits(tmp_path, tmp_cache):
     m = llm.load_causal_lm(tmp_path / "tiny")
     assert not m.training and m.config._attn_implementation == "sdpa"
     assert all(p.dtype == torch.float32 for p in m.parameters())
+    ref_sd = ref.state_dict()
+    assert all(torch.equal(v, ref_sd[k]) for k, v in m.state_dict().items())  # same weights
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    ref.config._attn_implementation = "sdpa"  # the loader's attention: the same function
     with torch.no_grad():
         torch.testing.assert_close(m(ids).logits, ref(ids).logits, rtol=0, atol=0)
     assert llm.max_positions(tmp_path / "tiny") == 128
