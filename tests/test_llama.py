@@ -290,6 +290,17 @@ def test_tp_blocks_equal_the_model_in_process(name, world):
 
 # ----------------------------------------------- distributed in one process (threads)
 
+def chunk_forward(ad, model, x, chunks, r):
+    """Rank ``r``'s chunk of ``x`` through every block of the patched ``model``, then the
+    tail (the thread tests' stand-in for the worker's forward)."""
+    lo = sum(chunks[:r])
+    with torch.no_grad():
+        h = ad.embed(model, x, lo, lo + chunks[r], False)
+        for blk in ad.layers(model):
+            h = ad.run_block(model, blk, h)
+        return ad.tail(model, h)
+
+
 class _Hub:
     """The runner's all-gather with ranks as threads; ``overlap`` adds the
     ``exchange_start`` / ``send_tokens`` face that the overlapped path uses."""
@@ -357,13 +368,7 @@ def test_distributed_seam_matches_simulate(overlap, in_kernel, with_codes, monke
     ad = resolve(base)[1]
 
     def rank(r):
-        m = models[r]
-        astra.patch(m, cb, communicator=hub.comm(r))
-        lo = sum(chunks[:r])
-        with torch.no_grad():
-            h = ad.embed(m, x, lo, lo + chunks[r], False)
-            for blk in ad.layers(m):
-                h = ad.run_block(m, blk, h)
-            return ad.tail(m, h)
+        astra.patch(models[r], cb, communicator=hub.comm(r))
+        return chunk_forward(ad, models[r], x, chunks, r)
     out = torch.cat(_threads(rank, 3), dim=1)
     torch.testing.assert_close(out, sim, **TOL)

@@ -18,7 +18,7 @@ from astra.parallel.job import attn_per_key, chunk_cost, default_chunks
 from astra.parallel.ring import check_ring, setup_ring
 from astra.parallel.runner import Job, ModelSpec, launch
 from astra.parallel.worker import STRATEGIES
-from tests.test_llama import _Hub, _threads
+from tests.test_llama import _Hub, _threads, chunk_forward
 
 B = 2
 CASES = {  # name: (factory, world, tokens, uneven chunks)
@@ -119,12 +119,7 @@ def test_ring_in_one_process_equals_the_model(factory, chunks):
         m = models[r]
         run = types.SimpleNamespace(model=m, adapter=ad, comm=hub.comm(r))
         assert STRATEGIES["ring"].setup(run, None)
-        lo = sum(chunks[:r])
-        with torch.no_grad():
-            h = ad.embed(m, x, lo, lo + chunks[r], False)
-            for blk in ad.layers(m):
-                h = ad.run_block(m, blk, h)
-            return ad.tail(m, h)
+        return chunk_forward(ad, m, x, chunks, r)
     out = torch.cat(_threads(rank, len(chunks)), dim=1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 

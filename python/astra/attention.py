@@ -336,8 +336,9 @@ class AstraAttention(nn.Module):
         causal = self.causal if causal is None else bool(causal)
         if cache is not None:  # generation (astra.generation: imports transformers)
             from . import generation as _gen
-            if _gen.cached_layer(self, cache) is not None:  # decoding
-                return _gen.attend_cached(self, x, _gen.cached_layer(self, cache), mask, rope)
+            layer = _gen.cached_layer(self, cache)
+            if layer is not None:  # decoding
+                return _gen.attend_cached(self, x, layer, mask, rope)
         if self.communicator is not None:
             return self._attend_distributed(x, mask, cache, causal)
         layout = self._layout(x)

@@ -222,7 +222,7 @@ def compare_windows(model: nn.Module, windows: Tensor, codebooks: Optional[Codeb
 
 def _load(model_name: str):
     from .catalog import llm
-    source = llm.smollm2_path() if model_name == "smollm2" else model_name
+    source = llm.model_source(model_name)
     model = llm.load_causal_lm(source)
     return source, model, llm.load_tokenizer(source)
 

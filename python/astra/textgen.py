@@ -22,7 +22,7 @@ def prompt_ids(model: str, prompt: str, chat: bool = False) -> torch.Tensor:
     """``[1, T]`` token ids of ``prompt`` for ``model`` (a catalogue name or a path);
     ``chat``: wrapped in the model's chat template as the user's turn."""
     from astra.catalog import llm
-    src = llm.smollm2_path() if model == "smollm2" else model
+    src = llm.model_source(model)
     if not llm.is_model_path(src):
         raise ValueError(f"--model {model}: generation needs a causal LM (smollm2, a local "
                          "HF folder or a .gguf file)")
@@ -88,15 +88,15 @@ def generate(model: str, ids: torch.Tensor, *, devices: int = 4, strategy: str =
               chunks=chunks, output="compact", link=LinkModel(bandwidth_mbps, latency_ms),
               clock=clock, repeats=repeats, warmup=0, timeout_s=600.0,
               max_new_tokens=max_new_tokens, generation=generation or dict(do_sample=False))
-    src = llm.smollm2_path() if model == "smollm2" else model
-    stream = TextStream(llm.load_tokenizer(src), on_text) if on_text else None
+    tok = llm.load_tokenizer(llm.model_source(model))
+    stream = TextStream(tok, on_text) if on_text else None
     res = launch(prep.spec, [job], world, stream=stream, threads=threads)[0]
     gen = [r["generation"] for r in res if r.get("generation")]
     if not gen:
         raise RuntimeError("the decoding rank returned no generation")
     g = gen[-1]
     sent = [max(r["bytes_sent"]) if r["bytes_sent"] else 0 for r in res]
-    text = llm.load_tokenizer(src).decode(g["tokens"].tolist(), skip_special_tokens=True)
+    text = tok.decode(g["tokens"].tolist(), skip_special_tokens=True)
     return dict(text=text, ttft_ms=g["ttft_s"] * 1e3, prefill_ms=g["prefill_s"] * 1e3,
                 decode_tok_s=g["decode_tok_s"], new_tokens=g["new_tokens"],
                 tokens=g["tokens"].tolist(), prompt_tokens=T,

@@ -107,8 +107,7 @@ def hf_generate_anchor(spec, inputs, new_tokens: int) -> dict:
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            cache, kw = DynamicCache(), {}
-            kw[cache_kw(model)] = cache
+            kw = {cache_kw(model): DynamicCache()}
             t0 = time.perf_counter()
             model(inputs[:, :-1], use_cache=True, logits_to_keep=1, **kw)
             t1 = time.perf_counter()

@@ -53,6 +53,12 @@ def smollm2_path() -> Path:
     return found[0]
 
 
+def model_source(name: PathLike) -> PathLike:
+    """Where a causal LM's files are: ``smollm2`` is the GGUF of its package, any other
+    name is taken as the path it is."""
+    return smollm2_path() if str(name) == "smollm2" else name
+
+
 def is_model_path(name: PathLike) -> bool:
     """Whether ``name`` (a ``--model`` value) means a path rather than a catalogue name:
     an existing path, a ``.gguf`` name, or anything with a path separator."""

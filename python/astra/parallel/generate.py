@@ -102,9 +102,9 @@ def generate_forward(r, job) -> Optional[Dict[str, Any]]:
     prefill_s = clock.now() - t0
     streamer = _Streamer(os.environ.get("ASTRA_STREAM"))
     gen = dict(job.generation or {})
-    if gen.get("seed") is not None:
-        torch.manual_seed(int(gen.pop("seed")))
-    gen.pop("seed", None)
+    seed = gen.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(int(seed))
     t1 = time.perf_counter()
     out = r.model.generate(prompt, attention_mask=torch.ones_like(prompt),
                            max_new_tokens=job.max_new_tokens, streamer=streamer,
