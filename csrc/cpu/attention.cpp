@@ -600,24 +600,31 @@ class AttnWorker {
     return true;
   }
 
+  // K, V rows [bk, d] as fp32: fp32 inputs in place, 16-bit ones converted into kf_/vf_;
+  // rope_b >= 0: the keys are remote keys j0 .. j0+bk-1 of batch rope_b, rotated in kf_.
+  void rows_f32(const scalar_t* k, const scalar_t* v, int64_t bk, int64_t rope_b, int64_t j0,
+                const float** kf, const float** vf) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      *kf = k;
+      *vf = v;
+    } else {
+      cpu::to_f32(v, vf_, bk * d_);
+      *vf = vf_;
+    }
+    if (rope_b >= 0 || !std::is_same_v<scalar_t, float>) {
+      cpu::to_f32(k, kf_, bk * d_);
+      *kf = kf_;
+      if (rope_b >= 0) rope_rows(rope_b, j0, bk);
+    }
+  }
+
   // K rows [bk, d] -> kt_ (fp32, transposed); returns V rows in fp32 [bk, d].
   // rope_b >= 0: the rows are remote keys j0 .. j0+bk-1 of batch rope_b, rotated first.
   const float* load_kv(const scalar_t* k, const scalar_t* v, int64_t bk, int64_t rope_b = -1,
                        int64_t j0 = 0) {
     const float* kf;
     const float* vf;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      kf = k;
-      vf = v;
-    } else {
-      cpu::to_f32(v, vf_, bk * d_);
-      vf = vf_;
-    }
-    if (rope_b >= 0 || !std::is_same_v<scalar_t, float>) {
-      cpu::to_f32(k, kf_, bk * d_);
-      kf = kf_;
-      if (rope_b >= 0) rope_rows(rope_b, j0, bk);
-    }
+    rows_f32(k, v, bk, rope_b, j0, &kf, &vf);
     if (p_.dp) return pack_dp(kf, vf, bk);
     at::vec::transpose_mxn<float>(kf, d_, kt_, kKeyTile, static_cast<int>(bk),
                                   static_cast<int>(d_));
@@ -688,18 +695,7 @@ class AttnWorker {
                   int64_t j0 = 0) {
     const float* kf;
     const float* vf;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      kf = k;
-      vf = v;
-    } else {
-      cpu::to_f32(v, vf_, bk * d_);
-      vf = vf_;
-    }
-    if (rope_b >= 0 || !std::is_same_v<scalar_t, float>) {
-      cpu::to_f32(k, kf_, bk * d_);
-      kf = kf_;
-      if (rope_b >= 0) rope_rows(rope_b, j0, bk);
-    }
+    rows_f32(k, v, bk, rope_b, j0, &kf, &vf);
     for (int64_t j = 0; j < bk; ++j) krow_[j] = kf + j * d_, vrow_[j] = vf + j * d_;
   }
 
