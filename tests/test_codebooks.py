@@ -143,6 +143,61 @@ def test_load_rejects_a_foreign_file(tmp_path):
         Codebooks.load(path)
 
 
+def _damaged(tmp_path, kind):
+    from safetensors.torch import save_file
+    good = tmp_path / "good.safetensors"
+    Codebooks(torch.randn(2, 1, 8, 4), model="hf:gpt2").save(good)
+    path = tmp_path / f"{kind}.safetensors"
+    raw = good.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(torch.randint(0, 256, (300,), generator=torch.Generator()
+                                       .manual_seed(0)).to(torch.uint8).numpy().tobytes())
+    elif kind == "directory":
+        path.mkdir()
+    elif kind in ("nan", "inf"):  # written past the constructor, as a damaged file would be
+        meta = Codebooks(torch.randn(2, 1, 8, 4), model="hf:gpt2").metadata()
+        t = torch.randn(2, 1, 8, 4)
+        t[1, 0, 3, 2] = float(kind)
+        save_file({"codebooks": t}, str(path), metadata=meta)
+    elif kind == "stages":
+        meta = Codebooks(torch.randn(2, 2, 8, 4), stage_sizes=(8, 4)).metadata()
+        save_file({"codebooks": torch.randn(2, 2, 8, 4)}, str(path),
+                  metadata=dict(meta, stages="8,x;8,4"))
+    return path
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("truncated", "is damaged or not a safetensors file"),
+    ("empty", "is damaged or not a safetensors file"),
+    ("random", "is damaged or not a safetensors file"),
+    ("directory", "is a directory, not a codebooks file"),
+    ("nan", r"1 non-finite values \(NaN/inf\) in layer\(s\) \[1\]"),
+    ("inf", r"1 non-finite values"),
+    ("stages", "bad 'stages' metadata '8,x;8,4'"),
+])
+def test_damaged_files_are_refused_naming_the_path(tmp_path, kind, says):
+    path = _damaged(tmp_path, kind)
+    with pytest.raises(ValueError, match=says) as ei:
+        Codebooks.load(path)
+    assert str(path) in str(ei.value)
+
+
+def test_a_missing_file_is_named():
+    with pytest.raises(FileNotFoundError, match="no codebooks file at /nonexistent/cb"):
+        Codebooks.load("/nonexistent/cb.safetensors")
+
+
+def test_non_finite_codewords_are_refused_when_made():
+    t = torch.zeros(2, 1, 4, 4)
+    t[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN/inf\) in layer\(s\) \[0\]"):
+        Codebooks(t)
+
+
 # ------------------------------------------------------------------------- calibration
 
 def test_collect_activations_is_the_attention_input_without_padding():

@@ -211,6 +211,23 @@ def test_resume_refuses_another_config_or_no_checkpoint(tmp_path):
                  out_dir=tmp_path, resume=True)
 
 
+def test_a_diverged_loss_stops_before_the_weights_change(tmp_path):
+    batches = _vit_batches(n=2)
+    cb = _codebooks(_vit(), batches)
+
+    class Diverges(ClassificationObjective):
+        def task_loss(self, out, batch):
+            return super().task_loss(out, batch) * float("nan")
+
+    m = _vit()
+    before = _params(m)
+    with pytest.raises(FloatingPointError, match="the loss is nan at step 1"):
+        finetune(m, cb, batches, config=CFG, objective=Diverges(), out_dir=tmp_path,
+                 progress=False)
+    after = _params(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not (tmp_path / "model.safetensors").exists()  # no checkpoint of garbage
+
 def test_saved_and_loaded_model_evaluates_bit_identically(tmp_path):
     batches = _gpt2_batches()
     model = _gpt2()

@@ -68,6 +68,12 @@ class Codebooks:
             raise ValueError(f"codebooks tensor has an empty dimension: {tuple(tensor.shape)}")
         if not tensor.is_floating_point():
             raise TypeError(f"codebooks tensor must be float, got {tensor.dtype}")
+        finite = torch.isfinite(tensor.detach())
+        if not bool(finite.all()):
+            layers = sorted({int(i) for i in (~finite).nonzero()[:, 0].tolist()})
+            more = " ..." if len(layers) > 8 else ""
+            raise ValueError(f"codebooks tensor has {int((~finite).sum())} non-finite values "
+                             f"(NaN/inf) in layer(s) {layers[:8]}{more}")
         self.tensor = tensor.detach().float().contiguous()
         # Residual: stage s uses its first stage_sizes[s] rows (the rest is padding); a
         # stage of size 1 costs no bits (its one codeword is a fixed offset).
@@ -269,22 +275,39 @@ class Codebooks:
              expect: Union[nn.Module, Mapping[str, Any], None] = None,
              device="cpu") -> "Codebooks":
         """Read a file written by :meth:`save`; check it against ``expect`` (see
-        :meth:`check`). Raises ``ValueError`` for a foreign or inconsistent file."""
-        from safetensors import safe_open
+        :meth:`check`). Raises ``FileNotFoundError`` for a missing path and ``ValueError``
+        (naming the path) for a directory, a damaged, foreign or inconsistent file, or
+        non-finite codewords."""
+        from safetensors import SafetensorError, safe_open
         path = os.fspath(path)
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an Astra codebooks file (format="
-                                 f"{meta.get('format')!r}, expected {FORMAT!r})")
-            if "codebooks" not in f.keys():
-                raise ValueError(f"{path} has no 'codebooks' tensor")
-            tensor = f.get_tensor("codebooks")
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory, not a codebooks file")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no codebooks file at {path}")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not an Astra codebooks file (format="
+                                     f"{meta.get('format')!r}, expected {FORMAT!r})")
+                if "codebooks" not in f.keys():
+                    raise ValueError(f"{path} has no 'codebooks' tensor")
+                tensor = f.get_tensor("codebooks")
+        except (SafetensorError, OSError) as e:
+            # truncated, empty or random bytes: safetensors' message names no file
+            raise ValueError(f"{path} is damaged or not a safetensors file ({e})") from None
         stages = meta.get("stages", "")
-        out = cls(tensor, model=meta.get("model", ""), name=meta.get("name", ""),
-                  config_hash=meta.get("config_hash", ""),
-                  stage_sizes=[[int(k) for k in r.split(",")] for r in stages.split(";")]
-                  if stages else None)
+        try:
+            stage_sizes = ([[int(k) for k in r.split(",")] for r in stages.split(";")]
+                           if stages else None)
+        except ValueError:
+            raise ValueError(f"{path} is damaged: bad 'stages' metadata {stages!r} "
+                             "(expected e.g. '1024,256;1024,256')") from None
+        try:
+            out = cls(tensor, model=meta.get("model", ""), name=meta.get("name", ""),
+                      config_hash=meta.get("config_hash", ""), stage_sizes=stage_sizes)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
         have = out.metadata()
         for k in _INT_FIELDS:
             if meta.get(k) != have[k]:

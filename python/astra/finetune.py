@@ -404,6 +404,11 @@ class _Trainer:
                 parts["aux"] += float(aux.detach()) / len(idx)
             (loss / len(idx)).backward()
             total += float(loss.detach()) / len(idx)
+        if not math.isfinite(total):
+            # stop before the optimizer writes NaN into the weights (and a checkpoint)
+            raise FloatingPointError(
+                f"finetune: the loss is {total} at step {self.step + 1} (diverged); try a "
+                f"lower learning rate or less noise — nothing of this step was applied")
         params = [p for g in self.opt.param_groups for p in g["params"]]
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
