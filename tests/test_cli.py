@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from astra import cli
+from astra.parallel.netns import netns_supported
 
 
 def _main(capsys, *argv):
@@ -37,19 +38,87 @@ def test_library_errors_become_one_line(capsys, argv, says):
     assert out.err.startswith(says), out.err
 
 
-@pytest.mark.parametrize("argv,says", [
-    (["run", "--devices", "0"], "expected a positive integer, got '0'"),
-    (["run", "--bandwidth", "nan"], "expected a positive number"),
-    (["run", "--loss", "1.5"], "expected a probability"),
-    (["run", "--chunks", "a,b"], "expected a positive integer, got 'a'"),
+# every invalid argument of issue 15 (and a few more): refused before any work, one
+# line on stderr naming the argument, exit status 2, no traceback
+BAD_ARGUMENTS = [
+    (["run", "--devices", "0"], "argument --devices: expected a positive integer, got '0'"),
+    (["run", "--bandwidth", "0"], "argument --bandwidth: expected a positive number"),
+    (["run", "--bandwidth", "-5"], "argument --bandwidth: expected a positive number"),
+    (["run", "--bandwidth", "nan"], "argument --bandwidth: expected a positive number"),
+    (["run", "--loss", "1.5"], "argument --loss: expected a probability"),
+    (["run", "--tokens", "0"], "argument --tokens: expected a positive integer"),
+    (["run", "--tokens", "-3"], "argument --tokens: expected a positive integer"),
+    (["run", "--repeats", "0"], "argument --repeats: expected a positive integer"),
+    (["run", "--chunks", "a,b"], "argument --chunks: expected a positive integer, got 'a'"),
+    (["run", "--latency-ms", "-1"], "argument --latency-ms: expected a number >= 0"),
+    (["run", "--jitter-ms", "nan"], "argument --jitter-ms: expected a number >= 0"),
+    (["run", "--timeout", "0"], "argument --timeout: expected a positive number"),
+    (["run", "--devices", "3", "--chunks", "10,10"], "--chunks has 2 entries [10, 10] but "
+     "there are 3 devices"),
+    (["demo", "--devices", "0"], "argument --devices: expected a positive integer"),
+    (["eval", "--groups", "0"], "argument --groups: expected a positive integer"),
+    (["eval", "--codebook-size", "0"], "argument --codebook-size: expected a positive integer"),
+    (["eval", "--devices", "-1"], "argument --devices: expected a positive integer"),
+    (["eval", "--devices", "0"], "argument --devices: expected a positive integer"),
+    (["finetune", "--devices", "0"], "argument --devices: expected a positive integer"),
+    (["finetune", "--steps", "-1"], "argument --steps: expected a positive integer"),
+    (["finetune", "--noise", "-1"], "argument --noise: expected a number >= 0"),
+    (["finetune", "--groups", "0"], "argument --groups: expected a positive integer"),
+    (["bench", "e2e", "--bandwidth", "0"], "argument --bandwidth: expected a positive number"),
     (["bench", "e2e", "--strategies", "foo"], "foo: expected a comma-separated subset"),
-    (["demo", "--devices", "-1"], "expected a positive integer"),
-])
+    (["bench", "e2e", "--wire", "foo"], "foo: expected a comma-separated subset"),
+    (["bench", "e2e", "--decode", "-1"], "argument --decode: expected an integer >= 0"),
+    (["generate", "--prompt", "hi", "--devices", "0"], "argument --devices: expected a positive"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "argument --temperature: expected"),
+    (["generate", "--prompt", "hi", "--prompt-file", "x"], "not allowed with argument"),
+]
+
+
+def _refusal(capsys, argv):
+    """``astra argv`` in this process: (exit status, stderr)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,says", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
 def test_bad_values_are_refused_before_any_work(capsys, argv, says):
-    with pytest.raises(SystemExit) as ei:
-        cli.main(argv)
-    assert ei.value.code == 2
-    assert says in capsys.readouterr().err
+    code, err = _refusal(capsys, argv)
+    assert code == 2
+    assert says in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("astra ")
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["run", "--devices", "4", "--model", "tiny-gpt2", "--tokens", "3"],
+     "3 tokens cannot be split over 4 devices"),
+    (["run", "--devices", "2", "--model", "tiny-gpt2", "--tokens", "64", "--chunks", "10,10"],
+     "--chunks 10,10 must be positive and sum to the 64 tokens the devices split (sum is 20)"),
+    (["run", "--devices", "2", "--model", "tiny-bert", "--tokens", "9", "--chunks", "4,5"],
+     "sum to the 8 tokens"),  # BERT's [CLS] is not split
+    (["bench", "e2e", "--devices", "4", "--model", "tiny-gpt2", "--tokens", "2"],
+     "2 tokens cannot be split over 4 devices"),
+])
+def test_configurations_that_cannot_run_are_refused_before_any_rank_starts(
+        capsys, monkeypatch, argv, says):
+    from astra.parallel import launcher
+
+    def no_launch(*a, **k):
+        raise AssertionError("a rank was started")
+    monkeypatch.setattr(launcher.subprocess, "Popen", no_launch)
+    code, err = _refusal(capsys, argv)
+    assert code == 2 and says in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_work(capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = _refusal(capsys, ["run", "--model", "tiny-gpt2", "--device", "cuda"])
+    assert code == 2 and "--device cuda, but torch sees no CUDA device" in err
 
 
 def test_debug_shows_the_traceback(monkeypatch):
@@ -97,27 +166,59 @@ def _processes_mentioning(text: str):
     return found
 
 
-def test_sigterm_stops_the_workers_and_removes_the_run_folder(tmp_path):
+def _astra_namespaces():
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {ln.split()[0] for ln in out.splitlines() if ln.startswith("astra")}
+
+
+def _signal_a_run(tmp_path, argv, sig, world=2):
+    """Start ``astra argv`` (a long run), wait until its ``world`` workers run their job,
+    send ``sig`` to the parent; its exit status once it is gone."""
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    p = subprocess.Popen([sys.executable, "-m", "astra.cli", "run", "--model", "tiny-bert",
-                          "--tokens", "32", "--devices", "2", "--strategy", "sp",
-                          "--repeats", "100000", "--bandwidth", "1000", "--latency-ms", "0"],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "astra.cli", *argv], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         workers, deadline = [], time.monotonic() + 180
-        while len(workers) < 2 and time.monotonic() < deadline and p.poll() is None:
+        while len(workers) < world and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.5)
             workers = _processes_mentioning(str(tmp_path / "astra-run-"))
-        assert len(workers) == 2, p.stderr.read() if p.poll() is not None else "no workers"
+        assert len(workers) == world, p.stderr.read() if p.poll() is not None else "no workers"
         time.sleep(2)  # the ranks are inside their jobs
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         p.wait(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 128 + signal.SIGTERM
     deadline = time.monotonic() + 10
     while _processes_mentioning(str(tmp_path / "astra-run-")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_mentioning(str(tmp_path / "astra-run-")) == []  # no worker left
+    return p.returncode
+
+
+LONG_RUN = ["--model", "tiny-bert", "--tokens", "32", "--devices", "2", "--repeats", "100000",
+            "--bandwidth", "1000", "--latency-ms", "0"]
+
+
+def test_sigterm_stops_the_workers_and_removes_the_run_folder(tmp_path):
+    code = _signal_a_run(tmp_path, ["run", "--strategy", "sp", *LONG_RUN], signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM
     assert list(tmp_path.glob("astra-run-*")) == []  # the run's folder is gone
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    # SIGKILL leaves the parent no time to clean up: the kernel ends the workers
+    # (parent-death signal); only the run's folder in TMPDIR remains
+    code = _signal_a_run(tmp_path, ["run", "--strategy", "sp", *LONG_RUN], signal.SIGKILL)
+    assert code == -signal.SIGKILL
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(netns_supported() is not None, reason=str(netns_supported()))
+def test_sigterm_removes_the_namespaces_of_a_netns_run(tmp_path):
+    before = _astra_namespaces()
+    code = _signal_a_run(tmp_path, ["bench", "e2e", "--link", "netns", "--strategies", "sp",
+                                    *LONG_RUN], signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM
+    assert _astra_namespaces() == before
+    assert list(tmp_path.glob("astra-run-*")) == []

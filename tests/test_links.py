@@ -126,6 +126,36 @@ def test_netns_link_runs_and_cleans_up():
     assert set(_astra_namespaces()) == before
 
 
+@pytest.mark.skipif(netns_supported() is not None, reason=str(netns_supported()))
+def test_a_dead_runs_namespaces_are_removed_and_a_live_ones_kept(tmp_path):
+    import os
+
+    from astra.parallel import netns
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    os.makedirs(netns.OWNERS, exist_ok=True)
+    made = {"astra218-hub": os.getpid(), "astra219-hub": dead.pid, "astra219-r0": dead.pid}
+    for ns, pid in made.items():
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        with open(os.path.join(netns.OWNERS, ns.split("-")[0] + ".pid"), "w") as f:
+            f.write(str(pid))
+    try:
+        with pytest.warns(UserWarning, match="died without cleaning up: astra219"):
+            with netns.NetnsLab(1, 10.0) as lab:
+                assert lab.lab_id not in (218, 219)  # a fresh id, not a live lab's
+                live = _astra_namespaces()
+        assert "astra219-hub" not in live and "astra219-r0" not in live
+        assert "astra218-hub" in _astra_namespaces()  # its owner (this test) is alive
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for tag in ("astra218", "astra219"):
+            try:
+                os.remove(os.path.join(netns.OWNERS, tag + ".pid"))
+            except OSError:
+                pass
+
+
 def test_e2e_table_flags_a_speedup_above_its_bound(capsys):
     from astra.bench.e2e import bound, print_table
     t1 = 0.2

@@ -77,7 +77,8 @@ def case(request):
             Job("astra", x, codebooks=cb, chunks=eq, name="astra-loss",
                 link=LinkModel(1000.0, 0.0, loss=0.5, mtu=2, seed=3))]
     res = launch(spec, jobs, world)
-    return dict(world=world, x=x, cb=cb, ref=ref, sim=sim,
+    return dict(world=world, x=x, cb=cb, ref=ref, sim=sim, eq=eq,
+                layers=catalog.num_layers(model),
                 res=dict(zip([j.name for j in jobs], res)),
                 causal=factory is factories.tiny_gpt2)
 
@@ -93,6 +94,32 @@ def test_packet_loss_masks_tokens_but_stays_finite(case):
     out = case["res"]["astra-loss"][0]["output"]
     assert torch.isfinite(out).all()
     assert (out - case["sim"]).abs().max() > 1e-5  # some codes were lost and masked
+
+
+def test_lost_codes_are_counted_per_receiving_rank(case):
+    from astra.parallel.job import summarize
+    world, eq, B = case["world"], case["eq"], case["x"].shape[0]
+    # each rank receives B codes per token of every rank it attends to, in every layer
+    senders = [range(r) if case["causal"] else [s for s in range(world) if s != r]
+               for r in range(world)]
+    expect = [case["layers"] * B * sum(eq[s] for s in senders[r]) for r in range(world)]
+    clean, lossy = summarize(case["res"]["astra"]), summarize(case["res"]["astra-loss"])
+    assert clean["codes_received"] == expect == lossy["codes_received"]
+    assert clean["codes_lost"] == [0] * world and clean["lost_fraction"] == 0.0
+    assert all(0 <= lost <= got for lost, got in zip(lossy["codes_lost"], expect))
+    assert 0.3 < lossy["lost_fraction"] < 0.7  # loss=0.5 per 2-byte packet, one token each
+    assert summarize(case["res"]["sp"])["codes_received"] == [0] * world  # no codes sent
+
+
+def test_fidelity_against_one_device():
+    from astra.parallel.job import fidelity
+    ref = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.1, 0.2]])
+    same = fidelity(ref.clone(), ref, logits=True)
+    assert same["cosine"] == pytest.approx(1.0, abs=1e-12) and same["rel_error"] == 0.0
+    assert same["top1"] == 1.0
+    f = fidelity(torch.tensor([[1.0, 3.0, 2.0], [0.1, 0.5, 0.2]]), ref, logits=True)
+    assert f["top1"] == 0.5 and f["cosine"] < 1.0 and f["rel_error"] > 0.1
+    assert "top1" not in fidelity(ref, ref)  # embeddings: no top-1
 
 
 @pytest.mark.parametrize("name", ["sp", "tp", "single", "sp-odd"])
@@ -126,11 +153,12 @@ def test_bytes_match_prediction(case):
 
 # ----------------------------------------------------------------------------- faults
 
-def _fault(fault, timeout=3.0):
+def _fault(fault, timeout=3.0, world=2):
     spec = ModelSpec(factories.tiny_bert)
     x = _inputs(12)
     with pytest.raises(RunnerError) as ei:
-        launch(spec, [Job("sp", x, fault=fault, timeout_s=timeout)], 2, startup_timeout_s=60)
+        launch(spec, [Job("sp", x, fault=fault, timeout_s=timeout)], world,
+               startup_timeout_s=60)
     return str(ei.value)
 
 
@@ -139,10 +167,14 @@ def test_dead_rank_fails_the_run_clearly():
     assert "rank 1 failed" in msg and "exit 3" in msg
 
 
-def test_hanging_rank_times_out_clearly():
-    # the job's own 3 s timeout stops the run (not the launcher's overall budget)
-    msg = _fault("hang:1", timeout=3.0)
-    assert "did not complete within 3 s" in msg and "rank 1" in msg
+def test_hanging_rank_times_out_clearly_and_is_the_one_blamed():
+    # the job's own 3 s timeout stops the run (not the launcher's overall budget); the
+    # message names the rank that stopped answering, not the ranks that waited for it
+    msg = _fault("hang:1", timeout=3.0, world=3)
+    first = msg.splitlines()[0]
+    assert first.startswith("rank 1 stopped answering: rank"), first
+    assert "waited 3 s" in first and "which rank 1 never reached" in first
+    assert "did not complete within 3 s" in msg  # the waiting ranks' own reports follow
 
 
 def test_unknown_fault_is_refused():

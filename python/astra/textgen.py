@@ -64,20 +64,22 @@ def generate(model: str, ids: torch.Tensor, *, devices: int = 4, strategy: str =
              clock: str = "virtual", chunks: Optional[List[int]] = None,
              generation: Optional[Dict[str, Any]] = None, repeats: int = 1,
              on_text: Optional[Callable[[str], None]] = None, prepared=None,
-             threads: int = 1) -> Dict[str, Any]:
+             threads: int = 1, timeout_s: float = 600.0) -> Dict[str, Any]:
     """Prefill ``ids [1, T]`` on ``devices`` ranks by ``strategy`` (``single``: one rank)
     and generate ``max_new_tokens`` on the last; the summary row (see the module
-    docstring). ``prepared``: a :class:`astra.catalog.Prepared` to reuse."""
+    docstring). ``prepared``: a :class:`astra.catalog.Prepared` to reuse; ``timeout_s``:
+    how long a rank waits for a peer (the run then stops naming the silent rank)."""
     from astra import catalog
     from astra.catalog import llm
     from astra.parallel.links import LinkModel
-    from astra.parallel.runner import Job, launch
+    from astra.parallel.runner import Job, check_chunks, launch
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     world = 1 if strategy == "single" else devices
     T = int(ids.shape[1])
     if T - 1 < world:
         raise ValueError(f"a {T}-token prompt cannot be split over {world} devices")
+    check_chunks(chunks, T - 1, world)  # the ranks prefill all but the last token
     entry = catalog.get(model)
     if entry.max_tokens and T + max_new_tokens > entry.max_tokens:
         raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed the model's "
@@ -86,7 +88,7 @@ def generate(model: str, ids: torch.Tensor, *, devices: int = 4, strategy: str =
                                        with_codebooks=strategy == "astra")
     job = Job(strategy, ids, codebooks=prep.codebooks if strategy == "astra" else None,
               chunks=chunks, output="compact", link=LinkModel(bandwidth_mbps, latency_ms),
-              clock=clock, repeats=repeats, warmup=0, timeout_s=600.0,
+              clock=clock, repeats=repeats, warmup=0, timeout_s=timeout_s,
               max_new_tokens=max_new_tokens, generation=generation or dict(do_sample=False))
     tok = llm.load_tokenizer(llm.model_source(model))
     stream = TextStream(tok, on_text) if on_text else None

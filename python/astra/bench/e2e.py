@@ -33,9 +33,10 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
     time to first token ``ttft_ms`` and the whole request ``request_ms``)."""
     from astra import catalog
     from astra.parallel.links import LinkModel
-    from astra.parallel.runner import Job, launch, summarize
-    spec, inputs, cbs, L = setup_result or catalog.prepare(
-        name, tokens, with_codebooks="astra" in strategies)
+    from astra.parallel.runner import Job, check_chunks, launch, summarize
+    prep = setup_result or catalog.prepare(name, tokens, with_codebooks="astra" in strategies)
+    spec, inputs, cbs, L = prep.spec, prep.inputs, prep.codebooks, prep.num_layers
+    check_chunks(None, prep.content_tokens, devices)  # before any rank starts
     clock = "virtual" if link == "virtual" else "wall"
     jobs, keys = [], []
     for bw in bandwidths:
@@ -66,7 +67,7 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
             rows = []
             for bw in bandwidths:
                 rows += run_grid(name, devices, [bw], latency_ms, strategies, wires, link, tokens,
-                                 repeats, timeout_s, (spec, inputs, cbs, L), quiet=True,
+                                 repeats, timeout_s, prep, quiet=True,
                                  medium=medium, warmup=warmup)
             return _finish_rows(rows, quiet)
         with NetnsLab(devices, bandwidths[0]) as lab:

@@ -193,12 +193,23 @@ def _random_calibration(e: Entry, inputs: torch.Tensor, K: int) -> torch.Tensor:
 
 class Prepared(NamedTuple):
     """What a run needs: the spec every rank builds, the inputs, the codebooks (a tensor
-    ``[L, G, K, D/G]`` or an :class:`astra.Codebooks`) and the model's layer count."""
+    ``[L, G, K, D/G]`` or an :class:`astra.Codebooks`), the model's layer count and the
+    content tokens the ranks split (the class token excluded); ``causal``: a causal LM
+    (its compact output is the last token's logits)."""
 
     spec: ModelSpec
     inputs: torch.Tensor
     codebooks: Any
     num_layers: int
+    content_tokens: int
+    causal: bool
+
+
+def _prepared(spec, inputs, cbs, model) -> "Prepared":
+    from astra.models import resolve
+    ad = resolve(model)[1]
+    return Prepared(spec, inputs, cbs, num_layers(model), ad.n_content(model, inputs),
+                    bool(ad.causal))
 
 
 def num_layers(model) -> int:
@@ -221,7 +232,7 @@ def prepare(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT
             cbs = e.codebooks(model, G, K)
         else:
             cbs = quick_codebooks(model, _random_calibration(e, inputs, K), G, K)
-    return Prepared(spec, inputs, cbs, num_layers(model))
+    return _prepared(spec, inputs, cbs, model)
 
 
 def finetuned(base: ModelSpec, checkpoint: str):
@@ -268,4 +279,4 @@ def load(name: str, tokens: int, codebooks: Union[str, os.PathLike, None] = None
         except ValueError as e:
             raise ValueError(f"--codebooks {codebooks} does not fit --model {name}: "
                              f"{e}") from e
-    return Prepared(spec, inputs, cbs, num_layers(model))
+    return _prepared(spec, inputs, cbs, model)

@@ -22,8 +22,15 @@ from typing import List, Optional
 COMMANDS = ("demo", "run", "generate", "bench", "eval", "finetune", "info")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``astra run: error: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="astra", description=__doc__.splitlines()[0])
+    p = Parser(prog="astra", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
@@ -31,15 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace, prog: str) -> int:
-    """Run ``args.func(args)``; bad input (``ValueError``/``TypeError``) becomes one line
-    on stderr, ``prog: message``, and exit status 2."""
+    """Run ``args.func(args)``; bad input (``ValueError``/``TypeError``, a missing file)
+    becomes one line on stderr, ``prog: message``, and exit status 2; a run that failed
+    (a rank died or stopped answering, training diverged) prints its message, exit 1."""
+    from astra.parallel.job import RunnerError
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("ASTRA_DEBUG"):
             raise
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    except (RunnerError, FloatingPointError) as e:
+        if os.environ.get("ASTRA_DEBUG"):
+            raise
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
 
 
 def _terminate(signum, frame):

@@ -21,6 +21,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
 def _number(text: str, ok, what: str) -> float:
     """``float(text)`` when ``ok`` of it, else argparse's error naming ``what``."""
     try:
@@ -34,6 +44,17 @@ def _number(text: str, ok, what: str) -> float:
 
 def positive_float(text: str) -> float:
     return _number(text, lambda v: math.isfinite(v) and v > 0, "a positive number")
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(text, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+
+
+def add_timeout(p: argparse.ArgumentParser, default: float) -> None:
+    """``--timeout S``: how long a rank waits for a peer before the run stops."""
+    p.add_argument("--timeout", type=positive_float, default=default, metavar="S",
+                   help="seconds a device waits for another before the run stops and names "
+                   f"the device that stopped answering (default {default:g})")
 
 
 def probability(text: str) -> float:

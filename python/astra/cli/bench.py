@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import csv_choices, csv_floats, positive_int
+from ._args import (
+    add_timeout,
+    csv_choices,
+    csv_floats,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+)
 
 
 def register(sub) -> None:
@@ -39,7 +46,8 @@ def _register_e2e(bsub) -> None:
                    help="vit-base | gpt2 | minilm | smollm2 | a local HF folder or .gguf file")
     e.add_argument("--devices", type=positive_int, default=4)
     e.add_argument("--bandwidth", type=csv_floats, default=[10.0], help="Mbit/s, comma-separated")
-    e.add_argument("--latency-ms", type=float, default=0.5, help="one-way latency per transfer")
+    e.add_argument("--latency-ms", type=nonnegative_float, default=0.5,
+                   help="one-way latency per transfer")
     e.add_argument("--strategies", type=csv_choices(*STRATEGIES),
                    default=["single", "tp", "sp", "astra"])
     e.add_argument("--wire", type=csv_choices("fp32", "fp16", "int8"), default=["fp32"],
@@ -49,11 +57,12 @@ def _register_e2e(bsub) -> None:
     e.add_argument("--medium", choices=("shared", "switched"), default="shared",
                    help="shared: one channel for all transfers (Wi-Fi); switched: per-port links")
     e.add_argument("--repeats", type=positive_int, default=3)
-    e.add_argument("--warmup", type=int, default=1)
-    e.add_argument("--decode", type=int, default=0, metavar="TOKENS",
+    e.add_argument("--warmup", type=nonnegative_int, default=1)
+    e.add_argument("--decode", type=nonnegative_int, default=0, metavar="TOKENS",
                    help="causal LMs: also generate TOKENS after the prompt (single, astra): "
                    "TTFT, decode tokens/s, the whole request; with llama.cpp on one device "
                    "beside them where `astra bench llamacpp --build` has built it")
+    add_timeout(e, 300.0)
     e.add_argument("--json", metavar="PATH")
     e.add_argument("--plot", metavar="PATH.png")
     e.set_defaults(func=e2e_main)
@@ -65,11 +74,10 @@ def e2e_main(args: argparse.Namespace) -> int:
     from astra.bench import e2e
     from astra.catalog import get
     get(args.model)  # an unknown model fails here, before any rank starts
-    if args.decode < 0:
-        raise ValueError(f"--decode must be >= 0, got {args.decode}")
     rows = e2e.run_grid(args.model, args.devices, args.bandwidth, args.latency_ms,
                         args.strategies, args.wire, args.link, args.tokens, args.repeats,
-                        medium=args.medium, warmup=args.warmup, decode_tokens=args.decode)
+                        medium=args.medium, warmup=args.warmup, decode_tokens=args.decode,
+                        timeout_s=args.timeout)
     anchor = _llamacpp_anchor(args)
     if anchor:
         rows.append(anchor)

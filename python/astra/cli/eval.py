@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ._args import add_residual_options, layer_stages_arg
+from ._args import (
+    add_residual_options,
+    layer_stages_arg,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 GREEDY_TOKENS = 32  # astra.evaluate_llm.GREEDY_TOKENS (not imported: --help stays quick)
 
@@ -28,17 +34,17 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="minilm",
                    help="minilm | digits-vit | byte-gpt2 | smollm2 | .gguf file | local HF "
                    "folder | HF type | timm name")
-    p.add_argument("--devices", type=int, default=4, help="N simulated devices")
-    p.add_argument("--groups", type=int, default=1, help="G groups per token")
-    p.add_argument("--codebook-size", type=int, default=1024, help="K (first stage's K)")
+    p.add_argument("--devices", type=positive_int, default=4, help="N simulated devices")
+    p.add_argument("--groups", type=positive_int, default=1, help="G groups per token")
+    p.add_argument("--codebook-size", type=positive_int, default=1024, help="K (first stage's K)")
     add_residual_options(p, "residual stages after the first (e.g. 16, or 256x9 for nine "
                          "stages of 256): G must be 1", "-1:4096,4096 for the last layer")
-    p.add_argument("--distill", type=int, default=0, metavar="STEPS",
+    p.add_argument("--distill", type=nonnegative_int, default=0, metavar="STEPS",
                    help="codebook distillation steps after k-means (0: none)")
-    p.add_argument("--distill-lr", type=float, default=Method.distill_lr)
-    p.add_argument("--iters", type=int, help=f"Lloyd iterations (default {Method.iters}; "
+    p.add_argument("--distill-lr", type=positive_float, default=Method.distill_lr)
+    p.add_argument("--iters", type=positive_int, help=f"Lloyd iterations (default {Method.iters}; "
                    "causal LLMs 8, as the catalogue's cached codebooks)")
-    p.add_argument("--max-points", type=int, default=Method.max_points,
+    p.add_argument("--max-points", type=positive_int, default=Method.max_points,
                    help="k-means points per layer (random subset)")
     p.add_argument("--init", default=Method.init, choices=("sampled", "k-means++", "random"))
     p.add_argument("--seed", type=int, default=0)
@@ -46,15 +52,16 @@ def register(subparsers) -> None:
                    "pydoc topics)")
     p.add_argument("--text", metavar="FILE", help="evaluation text (default: held-out pydoc "
                    "topics)")
-    p.add_argument("--limit", type=int, help="at most this many evaluation inputs (causal "
+    p.add_argument("--limit", type=positive_int, help="at most this many evaluation inputs (causal "
                    "LLMs: windows)")
-    p.add_argument("--tokens", type=int, default=2048, help="causal LLMs: tokens per "
+    p.add_argument("--tokens", type=positive_int, default=2048, help="causal LLMs: tokens per "
                    "evaluation window (at most the model's positions)")
-    p.add_argument("--prompts", type=int, default=4, help="causal LLMs: prompts (the first "
+    p.add_argument("--prompts", type=nonnegative_int, default=4,
+                   help="causal LLMs: prompts (the first "
                    f"windows, cut) whose {GREEDY_TOKENS} greedy tokens are compared; 0: none")
-    p.add_argument("--prompt-tokens", type=int, default=512,
+    p.add_argument("--prompt-tokens", type=positive_int, default=512,
                    help="causal LLMs: tokens of each prompt")
-    p.add_argument("--calib-limit", type=int, help="at most this many calibration inputs")
+    p.add_argument("--calib-limit", type=positive_int, help="at most this many calibration inputs")
     p.add_argument("--no-cache", action="store_true", help="refit even if cached")
     p.add_argument("--json", metavar="PATH", help="write the result row as JSON")
     p.add_argument("--attribute", action="store_true",

@@ -11,7 +11,13 @@ import json
 import sys
 from pathlib import Path
 
-from ._args import add_residual_options, layer_stages_arg
+from ._args import (
+    add_residual_options,
+    layer_stages_arg,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+)
 
 
 def register(subparsers) -> None:
@@ -22,22 +28,25 @@ def register(subparsers) -> None:
         description="Fine-tune one of the project's models for N simulated devices from "
         "k-means codebooks and print its quality before and after.")
     p.add_argument("--model", default="digits-vit", choices=STUDY_MODELS)
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--groups", type=int, default=1, help="G groups per token")
-    p.add_argument("--codebook-size", type=int, default=1024, help="K codewords per group")
+    p.add_argument("--devices", type=positive_int, default=4)
+    p.add_argument("--groups", type=positive_int, default=1, help="G groups per token")
+    p.add_argument("--codebook-size", type=positive_int, default=1024, help="K codewords per group")
     add_residual_options(p, "residual stages after the first (G must be 1), e.g. 64: 10+6 bits",
                          "-1:4096,4096: more bits in the last layer")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: per model)")
-    p.add_argument("--lr", type=float, help="weights' learning rate (default: per model)")
-    p.add_argument("--codebook-lr", type=float, default=FinetuneConfig.codebook_lr)
-    p.add_argument("--noise", type=float, default=FinetuneConfig.noise, help="NAQ strength λ")
-    p.add_argument("--commitment", type=float, default=FinetuneConfig.commitment, help="β")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps (default: per model)")
+    p.add_argument("--lr", type=nonnegative_float,
+                   help="weights' learning rate (default: per model)")
+    p.add_argument("--codebook-lr", type=nonnegative_float, default=FinetuneConfig.codebook_lr)
+    p.add_argument("--noise", type=nonnegative_float, default=FinetuneConfig.noise,
+                   help="NAQ strength λ")
+    p.add_argument("--commitment", type=nonnegative_float, default=FinetuneConfig.commitment,
+                   help="β")
     p.add_argument("--codebook-update", choices=UPDATES, default=FinetuneConfig.codebook_update)
-    p.add_argument("--batch-size", type=int, default=1, help="batches per step")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="batches per step")
     p.add_argument("--no-distributed-cls", action="store_true",
                    help="one class token on device 0 instead of one copy per device")
     p.add_argument("--codebooks-only", action="store_true", help="freeze the weights")
-    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--save-every", type=nonnegative_int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="DIR", help="checkpoint folder (default: "
                    "<cache>/finetune/<model>-N<devices>-G<groups>-K<K>-s<seed>)")

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ._args import csv_ints, positive_float, positive_int
+from ._args import add_timeout, csv_ints, nonnegative_float, positive_float, positive_int
 
 
 def register(sub) -> None:
@@ -28,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--strategy", choices=STRATEGIES, default="astra")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--bandwidth", type=positive_float, default=10.0, help="Mbit/s")
-    p.add_argument("--latency-ms", type=float, default=0.5, help="one-way latency per transfer")
+    p.add_argument("--latency-ms", type=nonnegative_float, default=0.5,
+                   help="one-way latency per transfer")
     p.add_argument("--clock", choices=("virtual", "wall"), default="virtual",
                    help="virtual: each rank's CPU time on one timeline (more ranks than "
                    "cores); wall: real time with the link's waits")
@@ -37,6 +38,7 @@ def register(sub) -> None:
                    help="sample at this temperature (default: greedy)")
     p.add_argument("--top-p", type=positive_float, help="nucleus sampling (with --temperature)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_timeout(p, 600.0)
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="print the summary only")
     p.set_defaults(func=main)
@@ -79,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
     row = textgen.generate(args.model, ids, devices=args.devices, strategy=args.strategy,
                            max_new_tokens=args.max_new_tokens, bandwidth_mbps=args.bandwidth,
                            latency_ms=args.latency_ms, clock=args.clock, chunks=args.chunks,
-                           generation=gen, on_text=None if args.quiet else show)
+                           generation=gen, on_text=None if args.quiet else show,
+                           timeout_s=args.timeout)
     if not args.quiet:
         print()
     _print_summary(row)

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._args import csv_ints, positive_float, positive_int, probability
+from ._args import (
+    add_timeout,
+    csv_ints,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 
 def add_job_args(p: argparse.ArgumentParser) -> None:
@@ -39,12 +46,16 @@ def register(sub) -> None:
     p.add_argument("--chunks", type=csv_ints,
                    help="comma-separated content tokens per rank (uneven devices)")
     p.add_argument("--bandwidth", type=positive_float, default=10.0, help="Mbit/s")
-    p.add_argument("--latency-ms", type=float, default=0.5, help="one-way latency per transfer")
-    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--latency-ms", type=nonnegative_float, default=0.5,
+                   help="one-way latency per transfer")
+    p.add_argument("--jitter-ms", type=nonnegative_float, default=0.0)
     p.add_argument("--loss", type=probability, default=0.0,
                    help="packet loss probability (codes)")
     p.add_argument("--medium", choices=("shared", "switched"), default="shared")
     p.add_argument("--clock", choices=("wall", "virtual"), default="wall")
+    p.add_argument("--check", action="store_true",
+                   help="also run the model on one device and print how close the output is")
+    add_timeout(p, 60.0)
     p.set_defaults(func=main)
 
 
@@ -61,17 +72,26 @@ def describe_codebooks(cbs) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from astra import catalog
+    from astra.parallel.job import fidelity
     from astra.parallel.links import LinkModel
-    from astra.parallel.runner import Job, check_device, launch, summarize
+    from astra.parallel.runner import Job, check_chunks, check_device, launch, summarize
     check_device(args.device, [args.clock])  # before the set-up builds anything
+    if args.chunks is not None and len(args.chunks) != args.devices:
+        check_chunks(args.chunks, sum(args.chunks), args.devices)  # the count, at once
     run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint,
                        with_codebooks=args.strategy == "astra")
+    check_chunks(args.chunks, run.content_tokens, args.devices)
     link = LinkModel(args.bandwidth, args.latency_ms, medium=args.medium,
                      jitter_ms=args.jitter_ms, loss=args.loss)
     job = Job(args.strategy, run.inputs, wire=args.wire, codebooks=run.codebooks,
               chunks=args.chunks, output="compact", link=link,
-              clock=args.clock, repeats=args.repeats, warmup=1)
-    res = summarize(launch(run.spec, [job], args.devices, device=args.device)[0])
+              clock=args.clock, repeats=args.repeats, warmup=1, timeout_s=args.timeout)
+    jobs = [job]
+    if args.check:  # the reference: the same inputs on one device, in the same launch
+        jobs.append(Job("single", run.inputs, output="compact", repeats=1,
+                        timeout_s=args.timeout))
+    results = launch(run.spec, jobs, args.devices, device=args.device)
+    res = summarize(results[0])
     wire = f" wire={res['wire']}" if res["strategy"] in ("sp", "tp", "ring") else ""
     if res["strategy"] == "astra" and describe_codebooks(run.codebooks):
         wire = f" ({describe_codebooks(run.codebooks)})"
@@ -79,4 +99,29 @@ def main(args: argparse.Namespace) -> int:
           f"median {res['latency_s'] * 1e3:.1f} ms, "
           f"{res['bytes_per_device']:.0f} B sent per device, "
           f"link waits {res['wait_s'] * 1e3:.1f} ms")
+    _report_loss(res)
+    if args.check:
+        f = fidelity(results[0][0]["output"], results[1][0]["output"], logits=run.causal)
+        print(f"check against one device: cosine {f['cosine']:.4f}, relative error "
+              f"{f['rel_error']:.3g}" + (f", next-token top-1 agrees on {f['top1']:.0%} of "
+                                         "rows" if "top1" in f else ""))
     return 0
+
+
+def _report_loss(res: dict) -> None:
+    """Codes lost on the link per receiving rank, and a warning when so many were lost
+    that the output says little (every lost token is one the attention cannot see)."""
+    import sys
+
+    from astra.parallel.job import LOSS_WARNING
+    if not sum(res["codes_lost"]):
+        return
+    per = ", ".join(f"rank {r} {lost / recv:.1%}" if recv else f"rank {r} -"
+                    for r, (lost, recv) in enumerate(zip(res["codes_lost"],
+                                                         res["codes_received"])))
+    print(f"codes lost on the link: {res['lost_fraction']:.1%} of "
+          f"{sum(res['codes_received']):,} received ({per})")
+    if res["lost_fraction"] >= LOSS_WARNING:
+        print(f"warning: {res['lost_fraction']:.0%} of the remote token codes were lost: each "
+              "device saw little of the others' context, so the output is far from one "
+              "device's (measure it with --check)", file=sys.stderr)

@@ -15,14 +15,15 @@ import statistics
 import sys
 from typing import List, Optional
 
-from . import run_command
+from . import Parser, run_command
+from ._args import add_timeout
 from .run import add_job_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m astra.cli.torchrun",
-                                description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m astra.cli.torchrun", description=__doc__.splitlines()[0])
     add_job_args(p)
+    add_timeout(p, 60.0)
     p.set_defaults(func=main)
     return p
 
@@ -35,7 +36,8 @@ def main(args: argparse.Namespace) -> int:
     run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint,
                        with_codebooks=args.strategy == "astra")
     job = Job(args.strategy, run.inputs, wire=args.wire, codebooks=run.codebooks,
-              output="compact", link=None, link_mode="none", repeats=args.repeats, warmup=1)
+              output="compact", link=None, link_mode="none", repeats=args.repeats, warmup=1,
+              timeout_s=args.timeout)
     r = run_jobs(dict(model=run.spec, jobs=[job], threads=1, device=args.device))[0]
     if int(os.environ["RANK"]) == 0:
         print(f"median {statistics.median(r['times']) * 1e3:.1f} ms, "

@@ -27,7 +27,11 @@ Link emulation (``link`` = a :class:`LinkModel`):
   after the real transfer; bandwidth is the real link's.
 
 Failures: every wait has ``timeout_s``; a peer that died or hangs raises
-:class:`CommError` naming the rank, the collective and the peers, instead of hanging.
+:class:`CommError` naming the rank, the collective and the peers, instead of hanging
+(``timed_out`` set when the wait ran out rather than the peer's connection failing).
+With ``progress`` (a file path; the launcher gives each rank one) every collective
+writes its number and name there before it starts, so when ranks time out the
+launcher can name the rank that never reached the collective they waited in.
 """
 from __future__ import annotations
 
@@ -46,11 +50,41 @@ from torch import Tensor
 from . import wire
 from .links import LinkModel, missing_tokens
 
-__all__ = ["CommError", "WallClock", "VirtualClock", "DistCommunicator", "CollectiveStat"]
+__all__ = ["CommError", "WallClock", "VirtualClock", "DistCommunicator", "CollectiveStat",
+           "write_progress", "read_progress", "EXIT_PEER_TIMEOUT"]
 
 
 class CommError(RuntimeError):
-    """A collective did not complete: a peer died, hung past the timeout, or sent garbage."""
+    """A collective did not complete: a peer died, hung past the timeout, or sent garbage.
+    ``timed_out``: the wait ran for the whole timeout (a peer stopped answering)."""
+
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+# a rank's exit status when it failed because a peer stopped answering (not its fault)
+EXIT_PEER_TIMEOUT = 124
+
+_PROGRESS_FDS: Dict[str, int] = {}
+
+
+def write_progress(path: str, number: int, what: str) -> None:
+    """Overwrite ``path`` with ``"<number> <what>"`` (one fixed-width line)."""
+    fd = _PROGRESS_FDS.get(path)
+    if fd is None:
+        fd = _PROGRESS_FDS[path] = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.pwrite(fd, f"{number:12d} {what[:50]:<50}\n".encode(), 0)
+
+
+def read_progress(path: str):
+    """``(number, what)`` written by :func:`write_progress`; ``(0, "")`` if none yet."""
+    try:
+        with open(path) as f:
+            n, _, what = f.read().strip().partition(" ")
+        return int(n), what.strip()
+    except (OSError, ValueError):
+        return 0, ""
 
 
 class WallClock:
@@ -181,7 +215,16 @@ class DistCommunicator:
     stats: List[CollectiveStat] = field(default_factory=list)
     tamper: Optional[object] = None  # tests: fn(seq, dst, frame) -> frame, applied on send
     device: Union[str, torch.device] = "cpu"  # where received tensors go (frames: host)
+    progress: Optional[str] = None  # file: the collective this rank last entered
+    codes_received: int = 0  # remote token codes received (every layer, every pass)
+    codes_lost: int = 0      # ... of which lost on the link (-1: masked by the attention)
     _seq: int = 0
+    _entered: int = 0
+
+    def _enter(self, what: str) -> None:
+        self._entered += 1
+        if self.progress:
+            write_progress(self.progress, self._entered, what)
 
     # ------------------------------------------------------------------ Communicator
     def receivers(self, src: int) -> List[int]:
@@ -304,17 +347,22 @@ class DistCommunicator:
     def barrier(self) -> None:
         self._guard(lambda: dist.barrier(async_op=True), "barrier")
 
+    def _timed_out(self, t0: float) -> bool:
+        return time.monotonic() - t0 >= 0.95 * self.timeout_s
+
     def _guard(self, start, what):
+        self._enter(what)
         virtual = getattr(self.clock, "virtual", False)
         if virtual:
             self.clock.release()
-        c0 = time.thread_time()
+        c0, t0 = time.thread_time(), time.monotonic()
         try:
             w = start()
             w.wait(timeout=timedelta(seconds=self.timeout_s))
         except Exception as e:  # noqa: BLE001 - re-raised with context
             raise CommError(f"rank {self.rank}: {what} did not complete within "
-                            f"{self.timeout_s:g} s (a peer died or hangs): {e}") from e
+                            f"{self.timeout_s:g} s (a peer died or hangs): {e}",
+                            timed_out=self._timed_out(t0)) from e
         finally:
             if virtual:
                 self.clock.acquire()
@@ -325,6 +373,7 @@ class DistCommunicator:
               widths=None) -> _Handle:
         seq = self._seq
         self._seq += 1
+        self._enter(what)
         t_start = self.clock.now()
         tag = seq % (1 << 20)
         works, sent = [], 0
@@ -355,13 +404,15 @@ class DistCommunicator:
             self.clock.release()
         c0 = time.thread_time()
         for op, peer, w in h.works:
+            t0 = time.monotonic()
             try:
                 w.wait(timeout=timedelta(seconds=self.timeout_s))
             except Exception as e:  # noqa: BLE001
                 raise CommError(
                     f"rank {self.rank}: {h.what} (collective {h.seq}) did not complete within "
                     f"{self.timeout_s:g} s: {op} {'to' if op == 'send' else 'from'} rank "
-                    f"{peer} failed (that rank died or hangs): {e}") from e
+                    f"{peer} failed (that rank died or hangs): {e}",
+                    timed_out=self._timed_out(t0)) from e
         blocked_cpu = time.thread_time() - c0
         if virtual:
             self.clock.acquire()
@@ -377,8 +428,11 @@ class DistCommunicator:
             starts.append(fr.t_send)
             recv += buf.numel()
             t = wire.decode_tensor(fr)
-            if fr.kind in wire.CODE_KINDS and self.link is not None and self.link.loss > 0:
-                t = self._drop(t, h.seq, s, fr)
+            if fr.kind in wire.CODE_KINDS:
+                self.codes_received += t.shape[0] * t.shape[1]
+                if self.link is not None and self.link.loss > 0:
+                    t = self._drop(t, h.seq, s, fr)
+                    self.codes_lost += int((t[..., 0] < 0).sum())
             out[s] = t.to(self.device)
         link_s = wait_s = 0.0
         if self.link is not None and self.link_mode != "none" and h.recv_bufs:

@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 __all__ = ["Job", "RunnerError", "STRATEGIES", "default_chunks", "chunk_cost", "attn_per_key",
-           "job_codebooks", "wire_bits", "check_device", "summarize"]
+           "job_codebooks", "wire_bits", "check_device", "check_chunks", "summarize", "fidelity",
+           "LOSS_WARNING"]
 
 STRATEGIES = ("single", "sp", "tp", "astra", "ring")
 
@@ -169,21 +170,62 @@ def wire_bits(cb) -> Dict[str, Any]:
     return dict(bits=0, stage_bits=stage_bits, G=cb.codes_per_token, K=cb.codebook_size)
 
 
+def check_chunks(chunks: Optional[Sequence[int]], n_content: int, world: int) -> None:
+    """Refuse a split that cannot run, before any rank starts: fewer tokens than
+    ranks, or ``chunks`` (given) whose count is not ``world`` or whose sum is not
+    ``n_content``. ``ValueError``."""
+    if n_content < world:
+        raise ValueError(f"{n_content} tokens cannot be split over {world} devices (each "
+                         f"needs at least one); use more tokens or fewer devices")
+    if chunks is None:
+        return
+    chunks = list(chunks)
+    if len(chunks) != world:
+        raise ValueError(f"--chunks has {len(chunks)} entries {chunks} but there are {world} "
+                         f"devices")
+    if min(chunks) < 1 or sum(chunks) != n_content:
+        raise ValueError(f"--chunks {','.join(map(str, chunks))} must be positive and sum to "
+                         f"the {n_content} tokens the devices split (sum is {sum(chunks)})")
+
+
 def check_device(device: str, clocks: Sequence[str]) -> None:
-    """Refuse what cannot run: an unknown ``device``, or GPU ranks on the virtual clock
-    (it counts a rank's CPU time, which says nothing of GPU work). ``ValueError``."""
+    """Refuse what cannot run: an unknown ``device``, ``cuda`` where torch sees no GPU,
+    or GPU ranks on the virtual clock (it counts a rank's CPU time, which says nothing
+    of GPU work). ``ValueError``."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device on this host "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
     if device == "cuda" and "virtual" in clocks:
         raise ValueError("--clock virtual counts CPU time; use --clock wall with --device "
                          "cuda (clock='wall' with device='cuda')")
 
 
 def summarize(results: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """One job's per-rank results -> median latency (rank 0's clock), bytes per device."""
+    """One job's per-rank results -> median latency (rank 0's clock), bytes per device,
+    and the remote token codes each rank received and lost on the link (all passes)."""
     r0 = results[0]
     par = r0["strategy"] != "single"
     sent = [statistics.median(r["bytes_sent"]) for r in results] if par else [0]
+    recv = [r.get("codes_received", 0) for r in results]
+    lost = [r.get("codes_lost", 0) for r in results]
     return dict(strategy=r0["strategy"], wire=r0["wire"], latency_s=statistics.median(r0["times"]),
                 times=r0["times"], bytes_per_device=max(sent),
-                wait_s=statistics.median(r0["waits"]) if r0["waits"] else 0.0)
+                wait_s=statistics.median(r0["waits"]) if r0["waits"] else 0.0,
+                codes_received=recv, codes_lost=lost,
+                lost_fraction=sum(lost) / sum(recv) if sum(recv) else 0.0)
+
+
+LOSS_WARNING = 0.2  # lost fraction of remote codes above which the output is called useless
+
+
+def fidelity(out, ref, logits: bool = False) -> dict:
+    """How close a run's compact output is to one device's: cosine and relative L2 error
+    of the whole tensor, and for ``logits`` the share of rows whose top-1 agrees."""
+    a, b = out.double().flatten(), ref.double().flatten()
+    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    row = dict(cosine=cos, rel_error=float((a - b).norm() / b.norm().clamp_min(1e-30)))
+    if logits:
+        row["top1"] = float((out.argmax(-1) == ref.argmax(-1)).double().mean())
+    return row

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .comm import EXIT_PEER_TIMEOUT, read_progress
 from .job import Job, RunnerError, check_device
 
 __all__ = ["launch"]
@@ -69,6 +70,8 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
                            OMP_NUM_THREADS=str(threads),
                            ASTRA_CPU_LOCK=os.path.join(tmp, "cpu.lock"),
                            ASTRA_STREAM=os.path.join(tmp, "stream.txt") if stream else "",
+                           ASTRA_PROGRESS=os.path.join(tmp, f"rank{r}.progress"),
+                           ASTRA_PARENT_PID=str(os.getpid()),
                            PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
                 cmd = [sys.executable, "-m", "astra.parallel.worker", jobfile, tmp]
                 if netns is not None:
@@ -80,7 +83,9 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
                 logs.append(log)
                 procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))
-            _watch(procs, logs, budget, _Tail(os.path.join(tmp, "stream.txt"), stream))
+            progress = [os.path.join(tmp, f"rank{r}.progress") for r in range(world)]
+            _watch(procs, logs, budget, _Tail(os.path.join(tmp, "stream.txt"), stream),
+                   progress, max(j.timeout_s for j in jobs))
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -94,7 +99,7 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
 
 
 _PASS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
-         "ASTRA_CPU_LOCK", "ASTRA_STREAM",
+         "ASTRA_CPU_LOCK", "ASTRA_STREAM", "ASTRA_PROGRESS", "ASTRA_PARENT_PID",
          "PYTHONPATH", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE", "ASTRA_CACHE", "PATH", "HOME")
 
 
@@ -130,7 +135,8 @@ class _Tail:
             self.fn(ids)
 
 
-def _watch(procs, logs, budget: float, tail: Optional[_Tail] = None) -> None:
+def _watch(procs, logs, budget: float, tail: Optional[_Tail] = None,
+           progress: Optional[List[str]] = None, timeout_s: float = 0.0) -> None:
     t_end = time.monotonic() + budget
     while True:
         if tail is not None:
@@ -139,17 +145,18 @@ def _watch(procs, logs, budget: float, tail: Optional[_Tail] = None) -> None:
         bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
         if bad:
             time.sleep(0.2)  # let the others report their own error first
+            codes = [p.poll() for p in procs]
+            silent = _silent(codes, progress, timeout_s) if progress else None
+            if silent is not None:
+                raise RunnerError(silent + _logs(procs, logs, codes, []))
             # the first to fail is the root cause when it died; when it merely reports a
             # peer's failure, prefer a rank that died without a Python traceback
             r = bad[0]
             for q in bad:
                 if "Traceback" not in _tail(logs[q]):
                     r = q
-            status = [c if c is not None else p.poll() for c, p in zip(codes, procs)]
-            msgs = "\n".join(f"--- rank {q} (exit {status[q]}):\n"
-                             f"{_tail(logs[q], 1500)}" for q in range(len(procs))
-                             if procs[q].poll() not in (None, 0) or q == r)
-            raise RunnerError(f"rank {r} failed (exit {codes[r]}); the run was stopped.\n{msgs}")
+            raise RunnerError(f"rank {r} failed (exit {codes[r]}); the run was stopped.\n"
+                              + _logs(procs, logs, codes, [r]))
         if all(c == 0 for c in codes):
             if tail is not None:
                 tail.poll()  # what was written after the last poll
@@ -157,3 +164,33 @@ def _watch(procs, logs, budget: float, tail: Optional[_Tail] = None) -> None:
         if time.monotonic() > t_end:
             raise RunnerError(f"the run did not finish within {budget:.0f} s; stopped")
         time.sleep(0.05)
+
+
+def _logs(procs, logs, codes, also) -> str:
+    return "\n".join(f"--- rank {q} (exit {codes[q]}):\n{_tail(logs[q], 1500)}"
+                     for q in range(len(procs)) if codes[q] not in (None, 0) or q in also)
+
+
+def _silent(codes, progress, timeout_s: float) -> Optional[str]:
+    """When ranks failed because a peer stopped answering (``EXIT_PEER_TIMEOUT``), the
+    message naming that peer: a rank that never entered the collective they waited in
+    (from the progress files), else one still running; None when no rank timed out."""
+    waited = [r for r, c in enumerate(codes) if c == EXIT_PEER_TIMEOUT]
+    if not waited:
+        return None
+    prog = [read_progress(p) for p in progress]
+    n, what = max(prog[r] for r in waited)
+    others = [r for r in range(len(codes)) if r not in waited]
+    behind = [r for r in others if prog[r][0] < n]
+    running = [r for r in others if codes[r] is None]
+    blamed = behind or running
+    if not blamed:
+        return None
+    names = ", ".join(map(str, blamed))
+    who = f"rank{'s' if len(blamed) > 1 else ''} {names}"
+    where = (f"{what} (collective {n}), which {who} never reached" if behind
+             else f"{what} (collective {n}), which {who} entered but never completed")
+    waiters = ", ".join(map(str, waited))
+    return (f"{who} stopped answering: rank{'s' if len(waited) > 1 else ''} {waiters} waited "
+            f"{timeout_s:g} s (the timeout; --timeout sets it) in {where}; the run was "
+            "stopped.\n")

@@ -8,14 +8,22 @@ links of ``rate_mbit`` each. This kernel has no ``netem``, so latency, jitter an
 stay in the application (the runner's link model).
 
 Needs root (CAP_NET_ADMIN) and iproute2; refuses clearly otherwise. Everything is
-removed on exit from the ``with`` block, also when the body raises.
+removed on exit from the ``with`` block, also when the body raises. A run killed
+outright (SIGKILL, power loss) cannot clean up: each lab records its owner's pid in
+``/run/astra-netns``, and the next lab removes the namespaces of labs whose owner is
+gone (with a warning naming them) and takes a lab id no live lab uses.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
-from typing import List, Optional
+import warnings
+from typing import Dict, List, Optional
+
+OWNERS = "/run/astra-netns"  # <tag>.pid: the pid of the process that made lab <tag>
+_NAME = re.compile(r"^(astra(\d+))-(hub|r\d+)$")
 
 
 class NetnsError(RuntimeError):
@@ -38,6 +46,53 @@ def _run(*cmd: str) -> None:
         raise NetnsError(f"`{' '.join(cmd)}` failed: {res.stderr.strip()}")
 
 
+def _labs() -> Dict[str, List[str]]:
+    """Every Astra lab's namespaces on this machine: ``{tag: [namespace, ...]}``."""
+    res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    labs: Dict[str, List[str]] = {}
+    for line in res.stdout.splitlines():
+        m = _NAME.match(line.split(" ")[0]) if line.strip() else None
+        if m:
+            labs.setdefault(m.group(1), []).append(m.group(0))
+    return labs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(tag: str) -> Optional[int]:
+    try:
+        with open(os.path.join(OWNERS, f"{tag}.pid")) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_stale_labs() -> List[str]:
+    """Delete the namespaces of labs whose owning process is gone (or unknown: made
+    before owners were recorded); their tags."""
+    stale = []
+    for tag, names in sorted(_labs().items()):
+        pid = _owner(tag)
+        if pid is not None and _alive(pid):
+            continue
+        for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        try:
+            os.remove(os.path.join(OWNERS, f"{tag}.pid"))
+        except OSError:
+            pass
+        stale.append(tag)
+    return stale
+
+
 class NetnsLab:
     """``with NetnsLab(n, rate_mbit) as lab:`` then run rank r under ``lab.prefix(r)``."""
 
@@ -50,9 +105,10 @@ class NetnsLab:
         self.ranks = ranks
         self.rate_mbit = rate_mbit
         self.burst_kbit = burst_kbit
-        self.lab_id = (os.getpid() % 200) + 20 if lab_id is None else lab_id
-        self.tag = f"astra{self.lab_id}"
+        self.lab_id = lab_id
+        self.tag = f"astra{lab_id}" if lab_id is not None else ""
         self._made: List[str] = []
+        self._owner_file: Optional[str] = None
 
     def ns(self, rank: int) -> str:
         return f"{self.tag}-r{rank}"
@@ -76,7 +132,21 @@ class NetnsLab:
         why = netns_supported()
         if why:
             raise NetnsError(f"cannot build the netns link: {why}")
+        stale = remove_stale_labs()
+        if stale:
+            warnings.warn(f"removed the network namespaces of {len(stale)} earlier run(s) "
+                          f"that died without cleaning up: {', '.join(stale)}", stacklevel=2)
+        if self.lab_id is None:  # the first id from a pid-derived start that no lab uses
+            used = {int(t[len("astra"):]) for t in _labs()}
+            start = os.getpid() % 200
+            self.lab_id = next(20 + (start + i) % 200 for i in range(200)
+                               if 20 + (start + i) % 200 not in used)
+            self.tag = f"astra{self.lab_id}"
         try:
+            os.makedirs(OWNERS, exist_ok=True)
+            self._owner_file = os.path.join(OWNERS, f"{self.tag}.pid")
+            with open(self._owner_file, "w") as f:
+                f.write(str(os.getpid()))
             self._setup()
         except BaseException:
             self.teardown()
@@ -115,3 +185,9 @@ class NetnsLab:
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._made.clear()
+        if self._owner_file:
+            try:
+                os.remove(self._owner_file)
+            except OSError:
+                pass
+            self._owner_file = None

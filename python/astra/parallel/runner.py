@@ -48,12 +48,21 @@ from __future__ import annotations
 
 from astra.catalog import ModelSpec
 
-from .job import Job, RunnerError, check_device, default_chunks, job_codebooks, summarize, wire_bits
+from .job import (
+    Job,
+    RunnerError,
+    check_chunks,
+    check_device,
+    default_chunks,
+    job_codebooks,
+    summarize,
+    wire_bits,
+)
 from .launcher import launch
 from .worker import exit_now as _exit_now  # noqa: F401 (tests)
 
 __all__ = ["Job", "RunnerError", "launch", "default_chunks", "ModelSpec", "summarize",
-           "job_codebooks", "wire_bits", "check_device"]
+           "job_codebooks", "wire_bits", "check_device", "check_chunks"]
 
 
 if __name__ == "__main__":  # the entry of earlier versions

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from .job import Job, attn_per_key, default_chunks, job_codebooks, wire_bits
+from .job import Job, attn_per_key, check_chunks, default_chunks, job_codebooks, wire_bits
 from .ring import setup_ring as _setup_ring
 
 __all__ = ["STRATEGIES", "FAULTS", "run_jobs", "serve"]
@@ -202,9 +202,8 @@ def _prepare(job: Job, model, rank: int, world: int, device: torch.device):
             raise ValueError(f"generation needs a causal LM and strategy single, sp or "
                              f"astra; got {ad.family} with {job.strategy!r}")
         n -= 1
+    check_chunks(job.chunks, n, world)
     chunks = job.chunks or default_chunks(n, world, attn_per_key(model, ad))
-    if sum(chunks) != n or min(chunks) < 1:
-        raise ValueError(f"chunks {chunks} must be positive and sum to {n} tokens")
     lo = sum(chunks[:rank])
     cbs, wb = None, dict(G=0, K=0, bits=0, stage_bits=None)
     if job.strategy == "astra":
@@ -215,7 +214,8 @@ def _prepare(job: Job, model, rank: int, world: int, device: torch.device):
         wb = wire_bits(cbs)
     comm = DistCommunicator(rank, world, chunks, causal=ad.causal, wire=job.wire,
                             bits=wb["bits"], stage_bits=wb["stage_bits"], link=job.link,
-                            link_mode=job.link_mode, timeout_s=job.timeout_s, device=device)
+                            link_mode=job.link_mode, timeout_s=job.timeout_s, device=device,
+                            progress=os.environ.get("ASTRA_PROGRESS") or None)
     run = RankRun(job, model, ad, rank, world, n, lo, lo + chunks[rank], comm)
     return run, cbs, wb, chunks
 
@@ -270,6 +270,7 @@ def run_job(job: Job, model, rank: int, world: int,
                 bytes_sent=sent, waits=waits, collectives=stats, chunks=chunks,
                 output=out.cpu() if rank == 0 and torch.is_tensor(out) else None,
                 generation=out if isinstance(out, dict) else None,
+                codes_received=run.comm.codes_received, codes_lost=run.comm.codes_lost,
                 bits=wb["bits"], G=wb["G"], K=wb["K"], stage_bits=wb["stage_bits"],
                 bits_per_token=(None if cbs is None else
                                 [cbs.layer_bits(i) for i in range(cbs.num_layers)]))
@@ -315,13 +316,41 @@ def run_jobs(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
             pass
 
 
+def die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL this process when the launcher that started it
+    dies (even by SIGKILL, when its own clean-up cannot run); exit at once if it is
+    already gone. ``ASTRA_PARENT_PID`` names the launcher; elsewhere a no-op."""
+    parent = os.environ.get("ASTRA_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(parent):  # the launcher died before the request took effect
+        os._exit(1)
+
+
 def serve(jobfile: str, outdir: str) -> int:
     """The worker process: run the pickled spec's jobs, save ``rank<r>.pt`` in ``outdir``."""
+    die_with_parent()
     with open(jobfile, "rb") as f:
         spec = pickle.load(f)
     results = run_jobs(spec)
     torch.save(results, Path(outdir) / f"rank{os.environ['RANK']}.pt")
     return 0
+
+
+def _timed_out(e: BaseException) -> bool:
+    """``e`` or an exception it was raised from is a :class:`CommError` that timed out."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "timed_out", False):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def exit_now(fn, *args) -> None:
@@ -332,7 +361,8 @@ def exit_now(fn, *args) -> None:
     the distributed stack occasionally abort ("terminate called without an
     active exception", SIGABRT, with no Python frame left on the stack).
     ``os._exit`` skips that teardown, so a finished rank always reports 0 and a
-    failed one 1 after its traceback.
+    failed one 1 after its traceback (``comm.EXIT_PEER_TIMEOUT`` when it failed
+    because a peer stopped answering, so the launcher blames that peer).
     """
     try:
         code = fn(*args)
@@ -340,9 +370,10 @@ def exit_now(fn, *args) -> None:
         if e.code not in (None, 0):
             print(e.code if isinstance(e.code, str) else f"exit {e.code}", file=sys.stderr)
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - reported, then the process ends
+    except BaseException as e:  # noqa: BLE001 - reported, then the process ends
         traceback.print_exc()
-        code = 1
+        from .comm import EXIT_PEER_TIMEOUT
+        code = EXIT_PEER_TIMEOUT if _timed_out(e) else 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
