@@ -3,16 +3,33 @@
 Every bad input raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong
 shape, value or device) with a message that names the argument, before any kernel
 runs: the fast paths never see malformed data.
+
+Non-finite values are not bad input (finding them would cost a pass over the data);
+each op says what it returns for them, and every backend returns the same:
+``vq_encode`` gives code ``-1`` to a group that holds a NaN or an infinity, and NaN in
+the attention inputs gives NaN in the outputs that depend on it (see
+:func:`mixed_attention`, :func:`merge_attention`). A non-finite ``scale`` is refused.
+
+Autograd: the kernels are forward-only. ``mixed_attention`` and ``merge_attention``
+compute inputs that require grad (with grad mode on) by the plain-PyTorch reference
+(:mod:`astra_kernels.reference`), which autograd differentiates; ``vq_encode`` is
+not differentiable and its outputs never require grad.
 """
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+from collections import abc
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.astra.*)
+from . import (
+    ops,  # noqa: F401  (registers torch.ops.astra.*)
+    reference,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -21,7 +38,8 @@ PRECISIONS = ("fp32", "bf16")
 # Check that codes lie in range before the kernels read tables with them. On CUDA
 # this costs one device sync per call; callers that produce codes themselves
 # (the runner, k-means) may turn it off with ``set_code_checks(False)``: the kernels
-# then treat out-of-range codes as missing instead of reading out of bounds.
+# then treat out-of-range codes as missing instead of reading out of bounds (int64
+# codes are clamped to [-1, K] first, so none wraps into range as int32).
 _CHECK_CODES = True
 
 
@@ -76,7 +94,14 @@ def vq_encode(x: Tensor, codebooks: Tensor, *, precision: str = "fp32",
 
     Returns:
         ``int32 [..., G]`` codes, ties to the lowest index; with ``return_error``,
-        ``(codes, err)``.
+        ``(codes, err)``. Not differentiable: neither output requires grad.
+
+    Non-finite input: a group of a vector that holds a NaN or an infinity has no
+    nearest codeword; its code is ``-1`` (the code :func:`mixed_attention` reads as a
+    missing token; :func:`pack_codes` refuses it) and, with ``return_error``, that
+    vector's ``err`` is NaN. Every backend does this at no extra cost (no check pass
+    over ``x``). Codebooks must be finite, and finite values so large that squared
+    distances overflow float32 (beyond about ``1e19``) give unspecified codes.
     """
     _tensor("x", x, FLOAT_DTYPES)
     _tensor("codebooks", codebooks, FLOAT_DTYPES + (torch.float64,), ndim=3)
@@ -94,8 +119,8 @@ def vq_encode(x: Tensor, codebooks: Tensor, *, precision: str = "fp32",
             raise ValueError(f"G={G} groups do not divide x's last dim D={D}")
         raise ValueError(f"codebooks' last dim is {dg} but D/G = {D}/{G} = {D // G}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, D).contiguous()
-    cb = codebooks.to(torch.float32).contiguous()
+    x2 = x.detach().reshape(-1, D).contiguous()  # forward-only: no autograd graph
+    cb = codebooks.detach().to(torch.float32).contiguous()
     codes, err = torch.ops.astra.vq_encode(x2, cb, precision, return_error)
     codes = codes.reshape(*lead, G)
     if return_error:
@@ -115,8 +140,10 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if codes.numel():
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= (1 << bits):
+            why = (" (-1 marks a missing token, or a vector vq_encode could not encode: "
+                   "NaN or inf; it has no wire form)" if lo == -1 else "")
             raise ValueError(f"codes must lie in [0, {1 << bits}) for bits={bits}, "
-                             f"got values in [{lo}, {hi}]")
+                             f"got values in [{lo}, {hi}]{why}")
     return torch.ops.astra.pack_codes(codes.to(torch.int32).contiguous(), bits)
 
 
@@ -124,7 +151,7 @@ def unpack_codes(payload: Tensor, shape: Sequence[int], bits: int) -> Tensor:
     """Inverse of :func:`pack_codes`: the ``int32`` codes of ``shape`` from ``payload``."""
     _tensor("payload", payload, (torch.uint8,), ndim=1)
     bits = _bits(bits)
-    shape = tuple(int(s) for s in shape)
+    shape = _shape("shape", shape)
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must be non-negative, got {shape}")
     need = (math.prod(shape) * bits + 7) // 8
@@ -132,6 +159,27 @@ def unpack_codes(payload: Tensor, shape: Sequence[int], bits: int) -> Tensor:
         raise ValueError(f"payload has {payload.numel()} bytes but shape {shape} at "
                          f"{bits} bits needs exactly {need}")
     return torch.ops.astra.unpack_codes(payload.contiguous(), list(shape), bits)
+
+
+def _shape(name: str, shape) -> Tuple[int, ...]:
+    """``shape`` as a tuple of ints: a sequence (list, tuple, ``torch.Size``) of
+    integers (Python or 0-D integer tensors); floats are refused, never truncated."""
+    if isinstance(shape, Tensor) and shape.dim() == 1 and not (
+            shape.dtype.is_floating_point or shape.dtype.is_complex or shape.dtype == torch.bool):
+        shape = shape.tolist()
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, abc.Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__}")
+    out = []
+    for s in shape:
+        if isinstance(s, bool) or isinstance(s, float) or (
+                isinstance(s, Tensor) and (s.dtype.is_floating_point or s.dtype == torch.bool)):
+            raise TypeError(f"{name} must hold ints, got {s!r} in {tuple(shape)}")
+        try:
+            out.append(operator.index(s))
+        except TypeError:
+            raise TypeError(f"{name} must hold ints, got {type(s).__name__} {s!r} "
+                            f"in {tuple(shape)}") from None
+    return tuple(out)
 
 
 def _positions(name: str, pos: Optional[Tensor], n: int, device) -> Tensor:
@@ -207,12 +255,31 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor] = N
         ``(out [B, H, Tq, d] in q's dtype, lse [B, H, Tq] float32)``, ``lse`` the
         natural-log log-sum-exp of the scaled, masked scores. A query that sees no
         key gets zeros and ``lse = -inf``.
+
+    NaN in, NaN out, on every backend (as plain softmax attention, the reference):
+    a query with a NaN in ``q`` gets NaN ``out`` and ``lse``, and so does every query
+    that sees a key with a NaN (in ``k``, ``remote_k``, ``pk`` rows of its codes, or
+    ``rope_cos``/``rope_sin`` of a remote key); a NaN in a value a query sees makes
+    its ``out`` NaN (``lse`` stays finite). A query that sees no key still gets zeros
+    and ``-inf``. Keys a query does not see (causal mask, missing codes) never make
+    its ``lse`` NaN, but a NaN *value* of such a key may reach its ``out`` on some
+    backends and not others (``0 * NaN`` where a kernel reads a masked tile), and
+    ``+-inf`` inputs give NaN or ``+-inf`` depending on the backend. ``scale`` must
+    be finite (``ValueError``).
+
+    Autograd: the kernels are forward-only. When grad mode is on and a float input
+    requires grad, the result is computed by :func:`astra_kernels.reference.mixed_attention`
+    (plain PyTorch, materializes the ``[B, H, Tq, Tl + Tr]`` scores), which autograd
+    differentiates with respect to ``q, k, v, pk, pv, remote_k, remote_v`` and
+    ``rope_cos, rope_sin``.
     """
     _tensor("q", q, FLOAT_DTYPES, ndim=4)
     _tensor("k", k, FLOAT_DTYPES, ndim=4)
     _tensor("v", v, FLOAT_DTYPES, ndim=4)
     B, H, Tq, d = q.shape
     Bk, Hkv, Tl, dk = k.shape
+    if d < 1:
+        raise ValueError(f"q has shape {tuple(q.shape)}: head dim d=0; attention needs d >= 1")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
@@ -252,6 +319,10 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor] = N
             if lo < -1 or hi >= K:
                 raise ValueError(f"codes must lie in [-1, {K}) (K={K}; -1 = missing), "
                                  f"got values in [{lo}, {hi}]")
+        elif codes.dtype == torch.int64:
+            # unchecked: int64 codes outside int32 would wrap into valid codes (2**32 + 3
+            # -> 3); clamped to [-1, K] they stay out of range, hence missing
+            codes = codes.clamp(-1, K)
         Tr = codes.shape[1]
         codes = codes.to(torch.int32).contiguous()
         pk, pv = pk.contiguous(), pv.contiguous()
@@ -288,18 +359,36 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor, codes: Optional[Tensor] = N
         q_pos = kv_pos = remote_pos = None
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    return torch.ops.astra.mixed_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), codes, pk, pv, remote_k, remote_v,
-        bool(causal), q_pos, kv_pos, remote_pos, float(scale), rope_cos, rope_sin)
+    else:
+        if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) or (
+                isinstance(scale, Tensor) and scale.numel() == 1)):
+            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), codes, pk, pv, remote_k, remote_v,
+            bool(causal), q_pos, kv_pos, remote_pos, float(scale), rope_cos, rope_sin)
+    if _needs_grad(q, k, v, pk, pv, remote_k, remote_v, rope_cos, rope_sin):
+        return reference.mixed_attention(*args)
+    return torch.ops.astra.mixed_attention(*args)
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd must see through the op: grad mode on and an input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
                     lse_b: Tensor) -> Tuple[Tensor, Tensor]:
     """Exactly merge two partial attentions over disjoint key sets.
 
-    ``out_* [..., d]`` (one float dtype), ``lse_* [...]`` float32 as returned by
-    :func:`mixed_attention`. Returns ``(out, lse)`` as if attention had run over the
-    union of both key sets.
+    ``out_* [..., d]`` (one float dtype, at least 1-D), ``lse_* [...]`` float32 as
+    returned by :func:`mixed_attention`. Returns ``(out, lse)`` as if attention had run
+    over the union of both key sets. Rows empty on both sides (``lse = -inf``) give
+    zeros and ``-inf``; a NaN ``lse`` on either side gives NaN ``out`` and ``lse`` for
+    that row, and a NaN in ``out_a``/``out_b`` gives NaN where that side has weight.
+    With grad mode on and an input that requires grad, the plain-PyTorch reference
+    computes it (differentiable).
     """
     _tensor("out_a", out_a, FLOAT_DTYPES)
     _tensor("out_b", out_b, FLOAT_DTYPES)
@@ -310,10 +399,15 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
         raise TypeError(f"out_b has dtype {out_b.dtype} but out_a has {out_a.dtype}")
     if out_b.shape != out_a.shape:
         raise ValueError(f"out_b has shape {tuple(out_b.shape)} but out_a has {tuple(out_a.shape)}")
-    if out_a.dim() < 1 or lse_a.shape != out_a.shape[:-1]:
+    if out_a.dim() < 1:
+        raise ValueError("out_a is 0-D; expected out_a [..., d] (at least 1-D, the last "
+                         "dim the head dim) with lse_a of shape out_a.shape[:-1]")
+    if lse_a.shape != out_a.shape[:-1]:
         raise ValueError(f"lse_a has shape {tuple(lse_a.shape)}; "
-                         f"expected {tuple(out_a.shape[:-1])}")
+                         f"expected {tuple(out_a.shape[:-1])} (out_a's shape without its last dim)")
     if lse_b.shape != lse_a.shape:
         raise ValueError(f"lse_b has shape {tuple(lse_b.shape)} but lse_a has {tuple(lse_a.shape)}")
-    return torch.ops.astra.merge_attention(out_a.contiguous(), lse_a.contiguous(),
-                                           out_b.contiguous(), lse_b.contiguous())
+    args = (out_a.contiguous(), lse_a.contiguous(), out_b.contiguous(), lse_b.contiguous())
+    if _needs_grad(*args):
+        return reference.merge_attention(*args)
+    return torch.ops.astra.merge_attention(*args)

@@ -27,6 +27,8 @@ from here:
 Kernel contract (what every backend may assume):
 - ``vq_encode``: ``x [M, D]`` contiguous float (fp32/fp16/bf16), ``codebooks [G, K, D/G]``
   contiguous float32; returns ``int32 [M, G]`` and fp32 ``err [M]`` (empty unless asked).
+  A row group holding a NaN or an infinity gets code ``-1`` and its row ``err`` NaN
+  (kernels: the group's best distance is not finite).
 - ``pack_codes``: ``codes`` contiguous int32 in ``[0, 2**bits)``, ``1 <= bits <= 16``.
 - ``unpack_codes``: ``payload`` contiguous uint8 of exactly ``ceil(prod(shape)*bits/8)``.
 - ``mixed_attention``: ``q [B,H,Tq,d]``, ``k, v [B,Hkv,Tl,d]`` contiguous, one dtype;
@@ -40,7 +42,11 @@ Kernel contract (what every backend may assume):
   ``rotate_half(x) = cat(-x[R/2:], x[:R/2])``) in fp32, rounded to the table dtype;
   values, queries and local keys are not touched. Rotated keys depend on the position,
   so with rope every backend takes the gather path, never codebook space.
-- ``merge_attention``: ``out_* [..., d]`` one dtype, ``lse_* [...]`` float32, same shapes.
+  NaN: a row is empty (zeros, ``lse = -inf``) only when its softmax sum is exactly 0;
+  masked scores become ``-inf`` by a select (never ``+ -inf``), so a NaN score among a
+  row's visible keys gives NaN out and lse and a masked one never reaches its lse.
+- ``merge_attention``: ``out_* [..., d]`` one dtype, ``lse_* [...]`` float32, same shapes;
+  a NaN ``lse`` on either side gives a NaN row (out and lse).
 """
 from __future__ import annotations
 

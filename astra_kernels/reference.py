@@ -30,6 +30,10 @@ def vq_encode(x: Tensor, codebooks: Tensor, precision: str = "fp32",
     (``precision="bf16"`` first rounds both operands to bf16, as the fast kernels do).
     ``err`` is the squared distance to the chosen codewords summed over groups, or an
     empty tensor when ``return_error`` is False.
+
+    A group of a row that holds a NaN or an infinity (after the bf16 rounding, for
+    ``precision="bf16"``) has no nearest codeword: its code is ``-1`` and the row's
+    ``err`` is NaN.
     """
     M, D = x.shape
     G, K, dg = codebooks.shape
@@ -46,11 +50,14 @@ def vq_encode(x: Tensor, codebooks: Tensor, precision: str = "fp32",
         # ||x||^2 is constant per row and group: it cannot change the argmin.
         d = cn.unsqueeze(0) - 2.0 * torch.einsum("mgd,gkd->mgk", xc, cb)
         codes[s:s + rows] = d.argmin(-1).to(torch.int32)
+    bad = ~torch.isfinite(xs).all(-1)  # [M, G]: no nearest codeword
+    codes.masked_fill_(bad, -1)
     if not return_error:
         return codes, torch.empty(0, dtype=torch.float32, device=x.device)
     err = torch.zeros(M, dtype=torch.float64, device=x.device)
     for g in range(G):
-        err += ((xs[:, g] - cb[g][codes[:, g].long()]) ** 2).sum(-1)
+        err += ((xs[:, g] - cb[g][codes[:, g].clamp_min(0).long()]) ** 2).sum(-1)
+    err.masked_fill_(bad.any(-1), float("nan"))
     return codes, err.float()
 
 
@@ -132,7 +139,9 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor,
     With ``rope_cos``/``rope_sin`` the remote keys (the dequantized sums, or
     ``remote_k``) are rotated by :func:`rotate_keys` before the scores; values are not.
     Returns ``(out [B, H, Tq, d] in q.dtype, lse [B, H, Tq] float32)``. Rows that see
-    no key give zeros and ``lse = -inf``. See :func:`astra_kernels.mixed_attention`.
+    no key give zeros and ``lse = -inf``; NaN propagates as plain softmax attention
+    propagates it (a NaN score among a row's visible keys: NaN out and lse). Plain
+    PyTorch, so autograd differentiates it. See :func:`astra_kernels.mixed_attention`.
     """
     B, H, Tq, d = q.shape
     Hkv = k.shape[1]
@@ -162,8 +171,10 @@ def mixed_attention(q: Tensor, k: Tensor, v: Tensor,
         visible[:, :, Tl:] &= ~missing.unsqueeze(1)
     scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores - lse.unsqueeze(-1))
-    p = torch.nan_to_num(p, nan=0.0)  # rows with lse = -inf
+    # rows that see no key (lse = -inf): p = exp(-inf - 0) = 0, no -inf - -inf; NaN
+    # scores (NaN inputs) keep lse and p NaN, as they should
+    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(scores - lse_safe.unsqueeze(-1))
     out = torch.matmul(p.to(cdt), vals.to(cdt))
     return out.to(q.dtype), lse
 
@@ -173,7 +184,8 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
     """Combine two partial attentions over disjoint key sets into one.
 
     ``out = (exp(lse_a) out_a + exp(lse_b) out_b) / (exp(lse_a) + exp(lse_b))``,
-    computed stably; both ``-inf`` gives zeros and ``-inf``.
+    computed stably; both ``-inf`` gives zeros and ``-inf``; a NaN ``lse`` on either
+    side gives NaN ``out`` and ``lse`` for that row.
     """
     lse = torch.logaddexp(lse_a, lse_b)
     safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)

@@ -732,6 +732,27 @@ def _bad_cases():
         ("merge shape", lambda: ak.merge_attention(torch.randn(2, 3, 8), torch.randn(2, 3),
                                                    torch.randn(2, 4, 8), torch.randn(2, 4)),
          ValueError, "out_b"),
+        ("head dim 0", lambda: attn(q[..., :0], k[..., :0], v[..., :0]), ValueError,
+         "head dim d=0"),
+        ("scale nan", lambda: attn(q, k, v, scale=float("nan")), ValueError,
+         "scale must be finite"),
+        ("scale inf", lambda: attn(q, k, v, scale=float("-inf")), ValueError,
+         "scale must be finite"),
+        ("scale type", lambda: attn(q, k, v, scale="0.5"), TypeError, "scale must be a float"),
+        ("unpack float shape", lambda: ak.unpack_codes(torch.zeros(38, dtype=torch.uint8),
+                                                       (100.7, 3), 1),
+         TypeError, "shape must hold ints, got 100.7"),
+        ("unpack float tensor shape", lambda: ak.unpack_codes(
+            torch.zeros(1, dtype=torch.uint8), (torch.tensor(2.0), 3), 1),
+         TypeError, "shape must hold ints"),
+        ("unpack bool shape", lambda: ak.unpack_codes(torch.zeros(1, dtype=torch.uint8),
+                                                      (True, 3), 1),
+         TypeError, "shape must hold ints"),
+        ("unpack shape not a sequence", lambda: ak.unpack_codes(
+            torch.zeros(1, dtype=torch.uint8), 3, 1), TypeError, "shape must be a sequence"),
+        ("merge 0-D", lambda: ak.merge_attention(torch.tensor(1.0), torch.tensor(0.0),
+                                                 torch.tensor(2.0), torch.tensor(0.0)),
+         ValueError, "out_a is 0-D; expected out_a \\[..., d\\]"),
         ("merge lse dtype", lambda: ak.merge_attention(torch.randn(2, 3, 8),
                                                        torch.randn(2, 3).double(),
                                                        torch.randn(2, 3, 8), torch.randn(2, 3)),
@@ -744,6 +765,17 @@ def test_bad_input_raises_clearly(case):
     _, fn, exc, word = case
     with pytest.raises(exc, match=word):
         fn()
+
+
+def test_shapes_of_ints_are_accepted():
+    """unpack_codes takes any sequence of integers (ints, numpy ints, 0-D integer
+    tensors, a 1-D integer tensor, torch.Size) as its shape."""
+    np = pytest.importorskip("numpy")
+    codes = torch.randint(0, 8, (4, 3), dtype=torch.int32)
+    p = ak.pack_codes(codes, 3)
+    for shape in [(4, 3), [4, 3], torch.Size([4, 3]), (np.int64(4), 3),
+                  (torch.tensor(4), torch.tensor(3)), torch.tensor([4, 3])]:
+        assert torch.equal(ak.unpack_codes(p, shape, 3), codes), shape
 
 
 def test_mixed_devices_raise():

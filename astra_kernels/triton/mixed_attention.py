@@ -37,7 +37,10 @@ rounded to the table dtype. Codebook space (mode 3) is never used with rope: rot
 keys depend on the position (:func:`choose_remote_path`).
 
 Rows that see no key keep ``m = -inf``; the update uses ``m_safe = 0`` then, so
-``-inf - -inf`` never happens; they end with zeros and ``lse = -inf``. Head dims are
+``-inf - -inf`` never happens; they end with zeros and ``lse = -inf`` (``l = 0``
+exactly). NaN: masked scores are set to ``-inf`` by a select, so a NaN key a row does
+not see never reaches it; a NaN score among its visible keys makes ``p`` and ``l``
+NaN (whether or not ``tl.max`` propagates NaN), hence NaN out and lse. Head dims are
 padded to a power of two with masks (d = 80 runs as 128). fp32 inputs use
 ``input_precision="ieee"`` dots (no TF32) so fp32 results match the reference.
 """
@@ -79,7 +82,9 @@ def _softmax_update(acc, m_i, l_i, q, kt, v, s_bias, qk_scale, IS_FP32: tl.const
         s = tl.dot(q, kt, input_precision=FP32_PREC)
     else:
         s = dot16(q, kt, None)
-    s = s * qk_scale + s_bias
+    # masked keys (bias -inf) get -inf by a select: a NaN score of a key the row does
+    # not see must not reach it (NaN + -inf is NaN)
+    s = tl.where(s_bias == float("-inf"), float("-inf"), s * qk_scale + s_bias)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far
     alpha = tl.exp2(m_i - m_safe)
@@ -325,11 +330,12 @@ def _mixed_attention_fwd_kernel(
                                              hkv, K, HKV, qk_scale, offs_d, d_mask, HEAD_D,
                                              IS_FP32, BLOCK_N)
 
-    # -- epilogue: rows that saw nothing get zeros and lse = -inf
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
+    # -- epilogue: rows that saw nothing (l = 0 exactly) get zeros and lse = -inf; a
+    # NaN sum (NaN inputs) gives NaN out and lse, as the reference
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
     tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
     tl.store(lse_ptr + bh.to(tl.int64) * Tq + offs_m, lse, mask=m_mask)
@@ -470,12 +476,13 @@ def _merge_attention_kernel(oa_ptr, la_ptr, ob_ptr, lb_ptr, out_ptr, lse_ptr, R,
     msk = r_mask[:, None] & (offs_d[None, :] < D)
     la = tl.load(la_ptr + offs_r, mask=r_mask, other=float("-inf"))
     lb = tl.load(lb_ptr + offs_r, mask=r_mask, other=float("-inf"))
-    mx = tl.maximum(la, lb)
+    # a NaN lse on either side makes the row NaN (la + lb), whatever tl.maximum does
+    mx = tl.where((la != la) | (lb != lb), la + lb, tl.maximum(la, lb))
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)  # both empty: avoid -inf - -inf
     wa = tl.exp(la - mx_safe)
     wb = tl.exp(lb - mx_safe)
     tot = wa + wb
-    has = tot > 0.0
+    has = tot != 0.0  # 0 only when both sides are empty; NaN: NaN out and lse
     tot_safe = tl.where(has, tot, 1.0)
     off = offs_r.to(tl.int64)[:, None] * D + offs_d[None, :]
     oa = tl.load(oa_ptr + off, mask=msk, other=0.0).to(tl.float32)

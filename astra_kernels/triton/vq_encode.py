@@ -15,6 +15,7 @@ strictly better. ``precision="fp32"`` uses ``input_precision="ieee"`` (no TF32);
 accumulates in fp32 on the tensor cores. Each precision has its own autotune list.
 The error is recomputed as ``||x - c||^2`` from the chosen rows (no cancellation),
 written per group and summed over groups by the launcher (deterministic, no atomics).
+A row group holding a NaN or an infinity has no finite distance: code -1, error NaN.
 """
 from __future__ import annotations
 
@@ -97,21 +98,27 @@ def _vq_encode_kernel(x_ptr, cb_ptr, cn_ptr, codes_ptr, err_ptr,
                              other=0.0)
                 dots = _vq_dot(_vq_operand(xt, PREC_BF16), _vq_operand(ct, PREC_BF16), dots,
                                PREC_BF16)
-        # ||c||^2 - 2 x.c; padded codewords can never win
-        dist = tl.where(k_mask[None, :], cn[None, :] - 2.0 * dots, float("inf"))
+        # ||c||^2 - 2 x.c; padded codewords and NaN distances (NaN in x) never win, so
+        # tl.min and tl.argmin agree (and the interpreter's argmin never sees all-NaN)
+        dist = cn[None, :] - 2.0 * dots
+        dist = tl.where(k_mask[None, :] & (dist == dist), dist, float("inf"))
         tile_min = tl.min(dist, 1)
         tile_arg = tl.argmin(dist, 1, tie_break_left=True).to(tl.int32)
         better = tile_min < best_d  # strict: earlier tiles win ties
         best_i = tl.where(better, tile_arg + k0, best_i)
         best_d = tl.where(better, tile_min, best_d)
 
+    # NaN / inf in x: every distance is NaN or +-inf, so the best one is not finite
+    # (NaN never wins, -inf may): no nearest codeword, code -1 and a NaN error
+    found = (best_d < float("inf")) & (best_d > float("-inf"))
+    best_i = tl.where(found, best_i, -1)
     out_off = offs_m.to(tl.int64) * G + g
     tl.store(codes_ptr + out_off, best_i, mask=m_mask)
     if RETURN_ERR:
         # ||x - c||^2 from the chosen rows, in narrow chunks to keep registers free
         offs_e = tl.arange(0, ERR_D)
         err = tl.zeros([BLOCK_M], tl.float32)
-        c_rows = best_i[:, None] * DG
+        c_rows = tl.where(found, best_i, 0)[:, None] * DG
         for d0 in range(0, DG, ERR_D):
             dd = d0 + offs_e
             msk = m_mask[:, None] & (dd[None, :] < DG)
@@ -121,6 +128,7 @@ def _vq_encode_kernel(x_ptr, cb_ptr, cn_ptr, codes_ptr, err_ptr,
                              PREC_BF16).to(tl.float32)
             diff = xv - cv
             err += tl.sum(diff * diff, 1)
+        err = tl.where(found, err, float("nan"))
         tl.store(err_ptr + out_off, err, mask=m_mask)
 
 

@@ -42,6 +42,10 @@
 // and thread, not once per query tile; no B x Hkv x Tr table is materialized.
 // Tiles that no query of the item can see are skipped before any load; the mask
 // is applied only to tiles that need it. Rows that see no key give zeros, lse=-inf.
+// NaN: the tile max propagates NaN (nan_max) and a row ends empty only when its sum
+// l is exactly 0, so a NaN score among a row's visible keys gives NaN out and lse,
+// as the reference does; masked scores are replaced by -inf (a select, not an add),
+// so a NaN key a row does not see never reaches it.
 //
 // Small items (decode). With one query tile of rows = rep x Tq <= kSmallRows (one
 // token x the rep heads of a kv head, or a few tokens) the GEMMs have M = rows, and
@@ -259,13 +263,17 @@ inline bool dp_cpu() { return false; }
 constexpr bool kHaveDp = false;
 #endif
 
-// max without NaN propagation (scores are NaN only for NaN inputs, which the sum
-// of exponentials still carries to the output)
-inline fVec fast_max(const fVec& a, const fVec& b) {
+// max with NaN propagation: a NaN score (NaN in q, or in a visible key) makes the
+// tile max NaN, hence the row's running max, alpha, sum and output NaN, as the
+// reference's softmax does. (A max that drops NaN would let a row whose visible
+// scores are all NaN pass for a row that sees nothing: zeros, lse = -inf.)
+inline fVec nan_max(const fVec& a, const fVec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return fVec(_mm512_max_ps(a, b));
+  const __m512 m = _mm512_max_ps(a, b);
+  return fVec(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q), m,
+                                   _mm512_add_ps(a, b)));  // a + b: NaN if either is
 #else
-  return at::vec::maximum(a, b);
+  return at::vec::maximum(a, b);  // propagates NaN
 #endif
 }
 
@@ -842,10 +850,12 @@ class AttnWorker {
       std::fill(s + bk, s + bk_pad, kNegInf);
 
       fVec vmax(kNegInf);
-      for (int64_t j = 0; j < bk_pad; j += kV) vmax = fast_max(vmax, fVec::loadu(s + j));
+      for (int64_t j = 0; j < bk_pad; j += kV) vmax = nan_max(vmax, fVec::loadu(s + j));
       const float tile_max =
-          at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return fast_max(a, b); }, vmax);
-      const float m_new = std::max(m_[r], tile_max);
+          at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return nan_max(a, b); }, vmax);
+      // NaN sticks: a NaN tile max, or a NaN running max (std::max returns its first
+      // argument when the comparison fails)
+      const float m_new = std::isnan(tile_max) ? tile_max : std::max(m_[r], tile_max);
       if (m_new == kNegInf) {  // nothing visible to this row yet: contributes nothing
         std::fill(s, s + bk_pad, 0.f);
         if (p_.dp) {
@@ -885,12 +895,12 @@ class AttnWorker {
     for (int64_t r = 0; r < rows_; ++r) {
       const int64_t row = (b * p_.H + h * rep_ + r / bq_) * p_.Tq + q0 + r % bq_;
       float* a = acc_ + r * d_;
-      if (l_[r] > 0.f) {
-        scale_row(a, d_, 1.f / l_[r]);
-        p_.lse[row] = m_[r] + std::log(l_[r]);
-      } else {
+      if (l_[r] == 0.f) {  // saw no key (l >= 1 once any key is visible; NaN: NaN inputs)
         std::fill(a, a + d_, 0.f);
         p_.lse[row] = kNegInf;
+      } else {  // a NaN sum (NaN inputs) gives NaN out and lse
+        scale_row(a, d_, 1.f / l_[r]);
+        p_.lse[row] = m_[r] + std::log(l_[r]);
       }
       cpu::from_f32(a, p_.out + row * d_, d_);
     }
@@ -1117,7 +1127,10 @@ void merge_attention_kernel(const scalar_t* out_a, const float* lse_a, const sca
     if constexpr (!std::is_same_v<scalar_t, float>) fa.resize(d), fb.resize(d), fo.resize(d);
     for (int64_t r = begin; r < end; ++r) {
       const float la = lse_a[r], lb = lse_b[r];
-      const float mx = std::max(la, lb), mn = std::min(la, lb);
+      // a NaN lse on either side: NaN weights, out and lse (std::max / std::min would
+      // return one side or the other depending on the order)
+      const bool nan = std::isnan(la) || std::isnan(lb);
+      const float mx = nan ? la + lb : std::max(la, lb), mn = nan ? mx : std::min(la, lb);
       scalar_t* o = out + r * d;
       if (mx == kNegInf) {  // neither part saw a key
         lse[r] = kNegInf;

@@ -51,6 +51,11 @@
 //
 // The error output is recomputed directly as sum((x - c)^2) for the chosen c (from
 // the bf16-rounded values when precision="bf16", as the reference does).
+//
+// Non-finite x: a row group holding a NaN or an infinity has only NaN or +-inf
+// distances (NaN never wins, -inf may), so its best distance is not finite; it gets
+// code -1 and the row's error NaN (set_missing), as the reference does. One check
+// per row group after the scan: the hot loops are unchanged.
 #include "astra.h"
 #include "cpu/cpu_utils.h"
 
@@ -357,6 +362,14 @@ struct VqProblem {
   float* err;       // [M] or nullptr
 };
 
+// Row m, group g holds a NaN or an infinity (its best distance is not finite: every
+// distance to it is NaN or +-inf): code -1 and a NaN error for the row.
+inline void set_missing(const VqProblem& p, int64_t m, int64_t g) {
+  p.codes[m * p.G + g] = -1;
+  if (p.err != nullptr) p.err[m] = std::numeric_limits<float>::quiet_NaN();
+}
+
+
 template <bool kSecond>
 inline void argmin_tile(const float* dot, int64_t ld, const float* cn, int64_t nb, int64_t k0,
                         int64_t nv, float* best, float* arg, float* second) {
@@ -428,6 +441,10 @@ void vq_encode_fp32(const scalar_t* x, const VqProblem& p, int64_t row_tile) {
 
         for (int64_t r = 0; r < mb; ++r) {
           const float* xr = xf + r * D + g * dg;
+          if (!std::isfinite(best[r])) {  // NaN / inf in x: no nearest codeword
+            set_missing(p, r0 + r, g);
+            continue;
+          }
           int64_t code = static_cast<int64_t>(arg[r]);
           if (p.exact && K > 1) {
             // rounding bound of cn - 2 x.c for one codeword; two candidates' errors add
@@ -468,7 +485,7 @@ void vq_encode_fp32(const scalar_t* x, const VqProblem& p, int64_t row_tile) {
           p.codes[(r0 + r) * p.G + g] = static_cast<int32_t>(code);
           if (p.err == nullptr) continue;
           const float e = sq_dist(xr, cb_g + code * dg, dg);
-          p.err[r0 + r] = (g == 0 ? 0.f : p.err[r0 + r]) + e;
+          p.err[r0 + r] = (g == 0 ? 0.f : p.err[r0 + r]) + e;  // NaN stays NaN
         }
       }
     }
@@ -583,6 +600,10 @@ void vq_encode_bf16dp(const scalar_t* x, const VqProblem& p, int64_t row_tile) {
         }
         const auto* a_rows = reinterpret_cast<const bf16*>(a_g);
         for (int64_t rr = 0; rr < mb; ++rr) {
+          if (!std::isfinite(best[rr])) {  // NaN / inf in x: no nearest codeword
+            set_missing(p, r0 + rr, g);
+            continue;
+          }
           const int64_t code = static_cast<int64_t>(arg[rr]);
           p.codes[(r0 + rr) * G + g] = static_cast<int32_t>(code);
           if (p.err == nullptr) continue;

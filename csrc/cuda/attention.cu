@@ -11,6 +11,9 @@
 // read. Causal masking compares global positions (key visible iff
 // pos <= query pos). Scores are kept in the log2 domain (scale * log2(e)) so
 // exp2 serves for exp; rows that see no key end with l = 0 -> zeros, lse = -inf.
+// NaN: masked scores are -inf by a select, so a key a row does not see never reaches
+// it; a NaN score among its visible keys makes p and l NaN (fmaxf drops NaN from the
+// running max, exp2f does not), hence NaN out and lse, as the reference.
 //
 // Two kernels:
 // - attn_tc_kernel<T, HD> (fp16/bf16, d % 8 == 0, d <= 128, 16-byte aligned
@@ -370,7 +373,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_kernel(const AttnParams p)
     lt += __shfl_xor_sync(0xffffffffu, lt, 2);
     const int r = qr[ri];
     if (r < p.Tq) {
-      const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+      // l = 0 exactly: the row saw no key; a NaN sum (NaN inputs): NaN out and lse
+      const float inv = lt == 0.0f ? 0.0f : 1.0f / lt;
 #pragma unroll
       for (int n = 0; n < ND; ++n) {
         const int c = n * 8 + tq * 2;
@@ -378,7 +382,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_tc_kernel(const AttnParams p)
           *reinterpret_cast<uint32_t*>(ob + static_cast<int64_t>(r) * d + c) =
               pack2<T>(o[n][2 * ri] * inv, o[n][2 * ri + 1] * inv);
       }
-      if (tq == 0) p.lse[bh * p.Tq + r] = lt > 0.0f ? (m[ri] + log2f(lt)) * kLn2 : -INFINITY;
+      if (tq == 0) p.lse[bh * p.Tq + r] = lt == 0.0f ? -INFINITY : (m[ri] + log2f(lt)) * kLn2;
     }
   }
 }
@@ -560,13 +564,13 @@ __global__ void __launch_bounds__(kGenWarps * 32) attn_generic_kernel(const Attn
     const float lt = warp_sum(l[r]);
     const int row = qblk + warp * kGenRowsPerWarp + r;
     if (row < p.Tq) {
-      const float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+      const float inv = lt == 0.0f ? 0.0f : 1.0f / lt;  // as the tensor-core kernel
 #pragma unroll
       for (int e = 0; e < kGenMaxPerLane; ++e) {
         const int c = lane + 32 * e;
         if (c < d) ob[static_cast<int64_t>(row) * d + c] = from_float<T>(o[r][e] * inv);
       }
-      if (lane == 0) p.lse[bh * p.Tq + row] = lt > 0.0f ? (m[r] + log2f(lt)) * kLn2 : -INFINITY;
+      if (lane == 0) p.lse[bh * p.Tq + row] = lt == 0.0f ? -INFINITY : (m[r] + log2f(lt)) * kLn2;
     }
   }
 }
@@ -587,7 +591,8 @@ __global__ void merge_attention_kernel(const T* __restrict__ oa, const float* __
     const int64_t r = i / dd;
     const int64_t c = i - r * dd;
     const float a = la[r], bb = lb[r];
-    const float mx = fmaxf(a, bb);
+    // a NaN lse on either side: NaN out and lse (fmaxf would drop it)
+    const float mx = (isnan(a) || isnan(bb)) ? a + bb : fmaxf(a, bb);
     if (mx == -INFINITY) {
       if (c < d) out[r * d + c] = from_float<T>(0.0f);
       if (c == 0) lse[r] = -INFINITY;

@@ -6,7 +6,8 @@
 // a running (min, argmin) per row in registers. The M x K distance matrix never
 // exists. Ties go to the lowest index: each thread visits its codes in
 // increasing order with a strict `<`, and the cross-thread reductions break
-// ties by index.
+// ties by index. A row group holding a NaN or an infinity has no finite distance
+// (NaN never wins, -inf may): code -1, and its row's error NaN, as the reference.
 //
 // precision="fp32": fp32 FMA on CUDA cores (no TF32).
 // precision="bf16": operands rounded to bf16 (as the reference does), products
@@ -81,7 +82,11 @@ __global__ void vq_error_kernel(const T* __restrict__ x, const float* __restrict
     const int g = static_cast<int>(i / dg);
     const int c = static_cast<int>(i - static_cast<int64_t>(g) * dg);
     int code = codes[row * G + g];
-    code = min(max(code, 0), K - 1);
+    if (code < 0) {  // -1: NaN / inf in x, no codeword; the row's error is NaN
+      s = nan("");
+      continue;
+    }
+    code = min(code, K - 1);
     float xv = to_float(x[row * D + i]);
     float cv = cb[(static_cast<int64_t>(g) * K + code) * dg + c];
     if (round_bf16) {
@@ -210,7 +215,8 @@ __global__ void __launch_bounds__(kF32Threads)
     }
     if (tx == 0) {
       const int64_t m = m0 + (i < 4 ? 4 * ty + i : 64 + 4 * ty + (i - 4));
-      if (m < M) codes[m * G + g] = bidx[i] == INT_MAX ? 0 : bidx[i];
+      // no finite distance (NaN / inf in x): no nearest codeword, -1
+      if (m < M) codes[m * G + g] = bidx[i] == INT_MAX || !isfinite(best[i]) ? -1 : bidx[i];
     }
   }
 }
@@ -370,7 +376,7 @@ __global__ void __launch_bounds__(kBfThreads)
       float bd = red_d[r][0];
       int bi = red_i[r][0];
       take_better(bd, bi, red_d[r][1], red_i[r][1]);
-      codes[m * G + g] = bi == INT_MAX ? 0 : bi;
+      codes[m * G + g] = bi == INT_MAX || !isfinite(bd) ? -1 : bi;  // NaN / inf in x
     }
   }
 }
