@@ -113,7 +113,7 @@ _ROWS = [
           _ids(50257), vocab=50257),
     Entry("minilm", "the real all-MiniLM-L6-v2 weights, pydoc passages",
           lambda t, tr: ModelSpec(factories.minilm),
-          lambda t: minilm_inputs(min(t, 512)), codebooks=_minilm_codebooks),
+          minilm_inputs, max_tokens=512, codebooks=_minilm_codebooks),
     Entry("byte-gpt2", "the project's byte-level GPT-2 (trained here on first use)",
           lambda t, tr: ModelSpec(factories.byte_gpt2, dict(trained=tr)),
           byte_inputs, vocab=256),

@@ -9,11 +9,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..options import STRATEGIES
+
 __all__ = ["Job", "RunnerError", "STRATEGIES", "default_chunks", "chunk_cost", "attn_per_key",
            "job_codebooks", "wire_bits", "check_device", "check_chunks", "summarize", "fidelity",
            "LOSS_WARNING"]
-
-STRATEGIES = ("single", "sp", "tp", "astra", "ring")
 
 
 class RunnerError(RuntimeError):
@@ -30,7 +30,9 @@ class Job:
     estimated cost, :func:`default_chunks`: equal for non-causal models, earlier ranks
     more tokens for causal ones).
     ``output``: ``"full"`` hidden states / logits, or ``"compact"`` (what an application
-    needs). ``link`` a :class:`~astra.parallel.links.LinkModel` applied as ``link_mode``
+    needs), or ``"nll"`` (causal LMs: each next token's negative log-likelihood
+    ``[B, T-1]``, for perplexity). ``link`` a :class:`~astra.parallel.links.LinkModel`
+    applied as ``link_mode``
     (``model``: bandwidth + latency, ``latency``: latency only, over a real link;
     ``none``). ``clock``: ``wall`` or ``virtual`` (each rank's CPU time on one timeline).
     ``fault`` is a test hook (:data:`astra.parallel.worker.FAULTS`): ``"die:<rank>"``,

@@ -155,7 +155,9 @@ def _watch(procs, logs, budget: float, tail: Optional[_Tail] = None,
             for q in bad:
                 if "Traceback" not in _tail(logs[q]):
                     r = q
-            raise RunnerError(f"rank {r} failed (exit {codes[r]}); the run was stopped.\n"
+            last = [ln for ln in _tail(logs[r], 600).splitlines() if ln.strip()]
+            why = f": {last[-1].strip()[:200]}" if last else ""
+            raise RunnerError(f"rank {r} failed (exit {codes[r]}){why}; the run was stopped.\n"
                               + _logs(procs, logs, codes, [r]))
         if all(c == 0 for c in codes):
             if tail is not None:

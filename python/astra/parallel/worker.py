@@ -67,7 +67,19 @@ class RankRun:
         ad, m = self.adapter, self.model
         if self.job.output == "compact":
             return ad.finish_compact(m, [ad.summary(m, h, self.cls)], self.n + self.cls)
-        return ad.tail(m, h)
+        return _output(self.job, ad.tail(m, h))
+
+
+def _output(job: Job, logits):
+    """``"full"``: the logits / hidden states; ``"nll"`` (causal LMs): each next token's
+    negative log-likelihood ``[B, T-1]`` (perplexity without shipping the logits)."""
+    if job.output != "nll":
+        return logits
+    import torch.nn.functional as F
+    ids = job.inputs
+    B, T = ids.shape
+    return F.cross_entropy(logits[:, :-1].float().reshape(B * (T - 1), -1),
+                           ids[:, 1:].reshape(-1), reduction="none").view(B, T - 1)
 
 
 def _setup_sequence(r: RankRun, codebooks) -> bool:
@@ -121,7 +133,7 @@ def _forward_sequence(r: RankRun):
         h = torch.cat([cls] + [g[:, 1:] for g in got], 1)
     else:
         h = torch.cat(got, 1)
-    return ad.tail(m, h)
+    return _output(r.job, ad.tail(m, h))
 
 
 class Strategy(NamedTuple):
@@ -143,8 +155,17 @@ STRATEGIES: Dict[str, Strategy] = {
 
 # ------------------------------------------------------------------ test hook: faults
 
+def _fired() -> None:
+    # the bench's fault table measures from here to the run's stop (ASTRA_FAULT_LOG)
+    path = os.environ.get("ASTRA_FAULT_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{time.time()}\n")
+
+
 def _tamper(kind: str):
     def fn(seq, dst, frame):
+        _fired()
         if kind == "corrupt":
             frame[-1] ^= 0xFF
         else:  # truncate: the header claims fewer bytes than the receiver expects
@@ -156,12 +177,14 @@ def _tamper(kind: str):
 
 def _die(forward):
     def fn(r):
+        _fired()
         os._exit(3)
     return fn
 
 
 def _hang(forward):
     def fn(r):
+        _fired()
         time.sleep(3600)
     return fn
 
@@ -196,6 +219,9 @@ def _prepare(job: Job, model, rank: int, world: int, device: torch.device):
     if job.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {job.strategy!r}")
     ad = resolve(model)[1]
+    if job.output not in ("full", "compact", "nll") or (job.output == "nll" and not ad.causal):
+        raise ValueError(f"output must be 'full', 'compact' or (causal LMs) 'nll'; got "
+                         f"{job.output!r} for {ad.family}")
     n = ad.n_content(model, job.inputs)
     if job.max_new_tokens:  # the prompt's last token is the first the decoder feeds
         if not ad.causal or job.strategy not in ("single", "sp", "astra"):

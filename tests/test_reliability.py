@@ -1,0 +1,50 @@
+"""astra.bench.reliability: quality against lost codes through the real runner (the
+``"nll"`` output against HF's own loss), and the fault table's rows."""
+import math
+
+import pytest
+import torch
+
+from astra import catalog
+from astra.bench import reliability
+from astra.parallel.job import Job
+from astra.parallel.launcher import launch
+
+
+def test_nll_output_is_hf_loss_and_the_loss_table_counts_what_was_lost():
+    prep = catalog.prepare("tiny-gpt2", 40, G=1, K=16)
+    model = prep.spec.build()
+    with torch.no_grad():
+        hf = model(prep.inputs, labels=prep.inputs).loss
+    res = launch(prep.spec, [Job("single", prep.inputs, output="nll"),
+                             Job("sp", prep.inputs, output="nll")], 2)
+    for r in res:
+        nll = r[0]["output"]
+        assert nll.shape == (prep.inputs.shape[0], prep.inputs.shape[1] - 1)
+        torch.testing.assert_close(nll.mean(), hf, rtol=1e-5, atol=1e-5)
+
+    rows = reliability.quality_vs_loss("tiny-gpt2", devices=2, tokens=40, losses=(0.0, 0.5),
+                                       mtus=(2,), seeds=(0, 1), quiet=True)
+    by_loss = {r["loss"]: r for r in rows}
+    assert by_loss[0.0]["lost_fraction"] == 0.0 and by_loss[0.0]["cost_vs_no_loss"] == 0.0
+    assert by_loss[0.0]["quality_single"] == pytest.approx(math.exp(float(hf)), rel=1e-5)
+    assert 0.3 < by_loss[0.5]["lost_fraction"] < 0.8  # about one token per 2-byte packet
+    assert by_loss[0.5]["seeds"] == 2 and by_loss[0.5]["metric"] == "perplexity"
+    assert by_loss[0.5]["quality"] != by_loss[0.0]["quality"]  # the losses changed the output
+
+
+def test_nll_needs_a_causal_lm():
+    from astra.parallel.job import RunnerError
+    prep = catalog.prepare("tiny-bert", 20, with_codebooks=False)
+    with pytest.raises(RunnerError, match="output must be 'full', 'compact' or"):
+        launch(prep.spec, [Job("single", prep.inputs, output="nll")], 1)
+
+
+@pytest.mark.slow
+def test_fault_rows_name_the_rank_and_leave_nothing():
+    rows = [reliability._launch_fault("die:1", 2, 5.0),
+            reliability._launch_fault("hang:1", 3, 3.0)]
+    assert rows[0]["message"].startswith("rank 1 failed (exit 3)")
+    assert rows[1]["message"].startswith("rank 1 stopped answering")
+    assert all(r["leftovers"] == 0 for r in rows)
+    assert 3.0 <= rows[1]["seconds"]  # the timeout ran out before the blame
