@@ -29,6 +29,12 @@ def test_every_row_names_itself_and_unknown_names_fail():
         catalog.get("resnet")
 
 
+def test_the_parsers_names_are_the_rows():
+    # astra.options declares the names for `astra run --help` without torch: the same rows
+    from astra import options
+    assert list(options.MODEL_NAMES) == catalog.names()
+
+
 def test_positions_and_lengths_are_checked():
     with pytest.raises(ValueError, match="tiny-gpt2 has 128 positions"):
         catalog.model_and_inputs("tiny-gpt2", 129)

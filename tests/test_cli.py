@@ -101,6 +101,9 @@ def test_bad_values_are_refused_before_any_work(capsys, argv, says):
      "sum to the 8 tokens"),  # BERT's [CLS] is not split
     (["bench", "e2e", "--devices", "4", "--model", "tiny-gpt2", "--tokens", "2"],
      "2 tokens cannot be split over 4 devices"),
+    (["finetune", "--model", "digits-vit", "--resume", "--out", "/nonexistent/ckpt"],
+     "no checkpoint in /nonexistent/ckpt"),  # before the model is trained or calibrated
+    (["bench", "reliability", "--models", "minilm,nope"], "unknown model 'nope'"),
 ])
 def test_configurations_that_cannot_run_are_refused_before_any_rank_starts(
         capsys, monkeypatch, argv, says):
@@ -222,3 +225,76 @@ def test_sigterm_removes_the_namespaces_of_a_netns_run(tmp_path):
     assert code == 128 + signal.SIGTERM
     assert _astra_namespaces() == before
     assert list(tmp_path.glob("astra-run-*")) == []
+
+
+# ------------------------------------------------------------ parsing imports no torch
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a new interpreter (nothing imported yet), its output captured."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_parsing_imports_no_torch():
+    # --help and argparse's refusals come back before torch (seconds) is imported
+    p = _fresh_python(
+        "import sys\n"
+        "import astra, astra.cli, astra.cli.torchrun\n"
+        "astra.cli.build_parser(); astra.cli.torchrun.build_parser()\n"
+        "print(sorted(m for m in ('torch', 'astra_kernels', 'transformers', 'numpy')\n"
+        "             if m in sys.modules))\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", p.stdout
+    for argv in (["--help"], ["run", "--devices", "0"], ["eval", "--groups", "0"],
+                 ["bench", "e2e", "--wire", "foo"]):
+        p = _fresh_python(
+            "import sys\nfrom astra.cli import main\n"
+            f"try:\n    main({argv!r})\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+        code = "0" if argv == ["--help"] else "2"
+        assert p.stdout.strip().splitlines()[-1] == f"{code} False", (argv, p.stdout, p.stderr)
+        if code == "2":  # one line: prog: error: ...
+            assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+            assert "error: argument" in p.stderr
+    # the torchrun entry too (-X importtime lists every `import` statement's module)
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "astra.cli.torchrun",
+                        "--tokens", "0"], capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and lines[-1].startswith("python -m astra.cli.torchrun: error: ")
+    assert not [s for s in lines if s.startswith("import time:") and s.endswith(" torch")]
+    assert [s for s in lines if s.startswith("import time:") and s.endswith(" astra.cli.run")]
+
+
+def test_astra_patch_stays_the_function_after_the_submodule_is_imported():
+    # importing the submodule astra.patch binds it on the package (the import system's
+    # setattr); astra.patch must still be the function
+    p = _fresh_python(
+        "import astra.patch\n"
+        "from astra.patch import unpatch\n"
+        "import astra\n"
+        "from astra.catalog.factories import tiny_gpt2\n"
+        "model = tiny_gpt2()\n"
+        "assert callable(astra.patch) and astra.patch.__module__ == 'astra.patch'\n"
+        "assert astra.patch(model, None, devices=1) is model\n"
+        "assert astra.is_patched(model)\n"
+        "from astra import patch\n"
+        "assert patch is astra.patch\n"
+        "unpatch(model)\n"
+        "assert not astra.is_patched(model)\n"
+        "print('ok')\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "ok"
+
+
+def test_the_lazy_package_exports_its_names():
+    import astra
+    import astra_kernels
+    assert astra.__version__ == astra_kernels.__version__
+    assert astra.kernels is astra_kernels
+    for name in astra.__all__:
+        assert getattr(astra, name) is not None, name
+        assert name in dir(astra)
+    from astra.generation import AstraCache
+    assert astra.AstraCache is AstraCache
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        astra.nope

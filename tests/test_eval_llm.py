@@ -181,7 +181,6 @@ def test_cli_evaluates_a_causal_lm_folder(folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--text", "/no/such/text.txt"], "--text /no/such/text.txt: no such file"),
-    (["--devices", "0"], "--devices must be a positive integer, got 0"),
     (["--calib-text", "/no/calib.txt"], "--calib-text /no/calib.txt: no such file"),
 ])
 def test_cli_bad_options_exit_2_with_one_line(argv, message, capsys):

@@ -25,7 +25,8 @@ FLOORS = [
     ("catalogue", ["astra.catalog", "astra.zoo"]),
     ("core", ["astra", "astra.attention", "astra.layout", "astra.kmeans", "astra.codebooks",
               "astra.calibrate", "astra.models", "astra.patch", "astra.cache", "astra.data",
-              "astra.checkpoint", "astra.generation", "astra.remote", "astra.objectives"]),
+              "astra.checkpoint", "astra.generation", "astra.remote", "astra.objectives",
+              "astra.options"]),
     ("kernels", ["astra_kernels"]),
 ]
 
@@ -153,6 +154,12 @@ def test_execution_floor_imports_no_application_or_cli():
     bad = {m: sorted(t for t in GRAPH[m] if t.startswith(banned))
            for m in MODULES if m.startswith("astra.parallel")}
     assert not any(bad.values()), bad
+
+
+def test_the_parsers_constants_import_nothing():
+    # astra.options is read while the command line parses, before torch is imported
+    tree = ast.parse(MODULES["astra.options"].read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 
 def test_kernels_never_import_the_framework():

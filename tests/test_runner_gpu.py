@@ -14,7 +14,7 @@ import torch
 
 from astra import catalog
 from astra.catalog import factories
-from astra.parallel.runner import Job, ModelSpec, RunnerError, default_chunks, launch
+from astra.parallel.runner import Job, ModelSpec, default_chunks, launch
 from tests._util import HAS_CUDA, requires_cuda
 from tests.test_runner import G, K, _reference
 
@@ -52,8 +52,9 @@ def test_gpu_ranks_equal_the_cpu_simulation(factory, world, x):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error where CUDA is missing")
 def test_cuda_ranks_without_cuda_fail_clearly():
+    # refused in the parent, before any rank starts
     x = torch.randint(0, 97, (1, 12))
-    with pytest.raises(RunnerError, match="no CUDA device"):
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
         launch(ModelSpec(factories.tiny_gpt2), [Job("single", x)], 2, device="cuda",
                startup_timeout_s=60)
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .codebooks import Codebooks, collect_activations
 from .kmeans import INITS
+from .options import DISTILL_LR, KMEANS_INIT, KMEANS_ITERS, KMEANS_MAX_POINTS
 
 __all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "distill", "cache_path"]
 
@@ -58,11 +59,11 @@ class Method:
     stages: Tuple[int, ...] = ()
     layer_stages: Tuple[Tuple[int, Tuple[int, ...]], ...] = ()
     distill_steps: int = 0
-    distill_lr: float = 2e-3
+    distill_lr: float = DISTILL_LR
     distill_batch: int = 1
-    iters: int = 12
-    max_points: Optional[int] = 32768
-    init: str = "sampled"
+    iters: int = KMEANS_ITERS
+    max_points: Optional[int] = KMEANS_MAX_POINTS
+    init: str = KMEANS_INIT
     seed: int = 0
 
     def __post_init__(self):

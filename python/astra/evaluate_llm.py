@@ -35,13 +35,13 @@ from torch import Tensor, nn
 from .calibrate import Method, calibrate
 from .codebooks import Codebooks
 from .layout import chunk_layout
+from .options import GREEDY_TOKENS
+from .options import LLM_CALIB_ITERS as CALIB_ITERS
 
 __all__ = ["is_causal_lm", "check_options", "token_windows", "last_chunk", "patched",
            "window_stats", "greedy_identical", "compare_windows", "evaluate_llm",
            "GREEDY_TOKENS", "CALIB_ITERS"]
 
-GREEDY_TOKENS = 32
-CALIB_ITERS = 8        # as astra.catalog.llm.calibrated_codebooks: the same cached codebooks
 CALIB_TOKENS = 512     # calibration window (cut to the model's positions)
 _LLAMA_FAMILY = "hf_llama"
 

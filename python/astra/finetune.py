@@ -56,13 +56,13 @@ from .objectives import (
     Objective,
     objective_for,
 )
+from .options import CODEBOOK_LR, CODEBOOK_UPDATE, COMMITMENT, NAQ_NOISE
+from .options import CODEBOOK_UPDATES as UPDATES
 from .plots import plot_history
 
 __all__ = ["FinetuneConfig", "NoiseAugmentedQuantizer", "Objective", "ClassificationObjective",
            "LMObjective", "HiddenObjective", "FinetuneResult", "finetune", "load_checkpoint",
            "objective_for"]
-
-UPDATES = ("grad", "ema")
 
 
 # ------------------------------------------------------------------------------ config
@@ -100,12 +100,12 @@ class FinetuneConfig:
     devices: int = 4
     steps: int = 200
     lr: float = 1e-4
-    codebook_lr: float = 1e-3
+    codebook_lr: float = CODEBOOK_LR
     weight_decay: float = 0.0
     warmup: int = 10
-    noise: float = 0.3
-    commitment: float = 2.5e-4
-    codebook_update: str = "grad"
+    noise: float = NAQ_NOISE
+    commitment: float = COMMITMENT
+    codebook_update: str = CODEBOOK_UPDATE
     codebook_weight: float = 0.0
     ema_decay: float = 0.99
     reseed_every: int = 50

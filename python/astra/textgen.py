@@ -13,9 +13,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["prompt_ids", "generate", "STRATEGIES", "TextStream"]
+from .options import GENERATE_STRATEGIES as STRATEGIES
 
-STRATEGIES = ("single", "sp", "astra")
+__all__ = ["prompt_ids", "generate", "STRATEGIES", "TextStream"]
 
 
 def prompt_ids(model: str, prompt: str, chat: bool = False) -> torch.Tensor:

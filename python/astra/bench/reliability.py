@@ -179,28 +179,3 @@ def fault_table(quiet: bool = False) -> List[Dict]:
             print(f"{r['fault']:<42} {r['seconds']:6.1f} s  leftovers {r['leftovers']}  "
                   f"{r['message'][:110]}")
     return rows
-
-
-def main(argv: Sequence[str] = ()) -> int:
-    import argparse
-    import json
-    p = argparse.ArgumentParser(prog="python -m astra.bench.reliability")
-    p.add_argument("--models", default="minilm,smollm2")
-    p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--faults", action="store_true", help="also the fault table")
-    p.add_argument("--json", metavar="PATH")
-    a = p.parse_args(list(argv))
-    out = dict(loss=[], faults=[])
-    for m in a.models.split(","):
-        if m:
-            out["loss"] += quality_vs_loss(m, devices=a.devices, tokens=a.tokens)
-    if a.faults:
-        out["faults"] = fault_table()
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

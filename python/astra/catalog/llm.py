@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 
 from astra.cache import cache_path
+from astra.options import LLM_CALIB_ITERS
 
 PathLike = Union[str, os.PathLike]
 
@@ -360,5 +361,5 @@ def calibrated_codebooks(model, G: int, K: int, source: PathLike,
     :func:`astra.calibrate.calibrate`)."""
     from astra.calibrate import Method, calibrate
     return calibrate(model, calibration_batches(source),
-                     Method(groups=G, codebook_size=K, iters=8),
+                     Method(groups=G, codebook_size=K, iters=LLM_CALIB_ITERS),
                      progress=True, log=log).tensor

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ..options import STUDY_MODELS
 from .inputs import minilm_path
 
 __all__ = ["Task", "load_task", "study_task", "token_windows", "STUDY_MODELS",
@@ -159,7 +160,6 @@ def _random_task(name: str, n_eval: int, n_calib: int, seed: int) -> Task:
                 [mk(2) for _ in range(max(1, n_eval // 2))], _hidden, notes={"weights": "random"})
 
 
-STUDY_MODELS = ("digits-vit", "byte-gpt2", "minilm")
 # Per model: defaults that work (digits/byte models were trained here at lr ~2e-3).
 MODEL_DEFAULTS = {"digits-vit": dict(lr=3e-4, steps=200),
                   "byte-gpt2": dict(lr=3e-4, steps=300),

@@ -2,7 +2,9 @@
 
 Each command module (``astra.cli.<name>``) has ``register(subparsers)``, which adds its
 parser and sets ``func`` to the module's ``main(args) -> int``. Command modules import
-their heavy dependencies inside ``main``, so ``astra info`` and ``--help`` stay quick.
+their heavy dependencies inside ``main``, and the choices and defaults a parser shows come
+from :mod:`astra.options` (no torch): ``--help`` and a refused argument take a fraction
+of a second (tests/test_cli.py checks that parsing imports no torch).
 
 This package is the only place that turns errors into messages and exit codes: library
 code raises ``ValueError`` / ``TypeError`` for bad input, and :func:`main` prints them as

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import STRATEGIES, STUDY_MODELS
 from ._args import (
     add_timeout,
     csv_choices,
@@ -26,6 +27,7 @@ def register(sub) -> None:
     _register_e2e(bsub)
     _register_accuracy(bsub)
     _register_llamacpp(bsub)
+    _register_reliability(bsub)
 
 
 def kernels_main(args: argparse.Namespace) -> int:
@@ -40,7 +42,6 @@ def kernels_main(args: argparse.Namespace) -> int:
 
 
 def _register_e2e(bsub) -> None:
-    from astra.parallel.job import STRATEGIES
     e = bsub.add_parser("e2e", help="end-to-end latency of single/tp/sp/astra over a link")
     e.add_argument("--model", default="vit-base",
                    help="vit-base | gpt2 | minilm | smollm2 | a local HF folder or .gguf file")
@@ -114,13 +115,13 @@ def _llamacpp_anchor(args: argparse.Namespace):
 
 
 def _register_accuracy(bsub) -> None:
-    from astra.bench.accuracy import GRID, MODELS
     p = bsub.add_parser("accuracy", help="accuracy study: single vs post-training vs "
                         "fine-tuned, and ablations (writes accuracy.json/.md/.png)")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma-separated subset of {', '.join(MODELS)}")
-    p.add_argument("--grid", default=",".join(f"{g}x{k}" for g, k in GRID),
-                   help="(G x K) cells, e.g. 1x1024,32x1024")
+    # astra.bench.accuracy.MODELS is STUDY_MODELS; its GRID is --grid's default (read
+    # in accuracy_main: that module imports torch)
+    p.add_argument("--models", default=",".join(STUDY_MODELS),
+                   help=f"comma-separated subset of {', '.join(STUDY_MODELS)}")
+    p.add_argument("--grid", help="(G x K) cells, e.g. 1x1024,32x1024")
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per configuration")
     p.add_argument("--minilm-seeds", type=positive_int, default=1,
                    help="seeds for minilm (each fine-tune takes minutes on a CPU)")
@@ -139,9 +140,9 @@ def accuracy_main(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from astra.bench.accuracy import parse_cells, run_study
+    from astra.bench.accuracy import GRID, parse_cells, run_study
     models = [m for m in args.models.split(",") if m]
-    grid = parse_cells(args.grid, "--grid")
+    grid = parse_cells(args.grid, "--grid") if args.grid is not None else list(GRID)
     cells = parse_cells(args.ablation_cells, "--ablation-cells")
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -194,3 +195,37 @@ def llamacpp_main(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=1)
     return 0
+
+
+def _register_reliability(bsub) -> None:
+    p = bsub.add_parser("reliability", help="quality against lost codes (0, 1, 5, 20%% packet "
+                        "loss) through the runner, and the fault table")
+    p.add_argument("--models", default="minilm,smollm2",
+                   help="comma-separated catalogue models (causal LMs: perplexity; others: "
+                   "cosine to one device)")
+    p.add_argument("--devices", type=positive_int, default=4)
+    p.add_argument("--tokens", type=positive_int, default=512)
+    p.add_argument("--faults", action="store_true",
+                   help="also inject each fault into a real run and time its report")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(func=reliability_main)
+
+
+def reliability_main(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from astra.bench import reliability
+    from astra.catalog import get
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        get(m)  # an unknown model fails here, before any rank starts
+    out = dict(loss=[], faults=[])
+    for m in models:
+        out["loss"] += reliability.quality_vs_loss(m, devices=args.devices, tokens=args.tokens)
+    if args.faults:
+        out["faults"] = reliability.fault_table()
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+

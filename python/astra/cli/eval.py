@@ -14,6 +14,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..options import (
+    DISTILL_LR,
+    GREEDY_TOKENS,
+    KMEANS_INIT,
+    KMEANS_ITERS,
+    KMEANS_MAX_POINTS,
+    LLM_CALIB_ITERS,
+)
 from ._args import (
     add_residual_options,
     layer_stages_arg,
@@ -22,11 +30,8 @@ from ._args import (
     positive_int,
 )
 
-GREEDY_TOKENS = 32  # astra.evaluate_llm.GREEDY_TOKENS (not imported: --help stays quick)
-
 
 def register(subparsers) -> None:
-    from astra.calibrate import Method
     p = subparsers.add_parser(
         "eval", help="quality of Astra vs one device on a real model (embedding cosine; "
         "perplexity and agreement for causal LLMs)",
@@ -41,12 +46,12 @@ def register(subparsers) -> None:
                          "stages of 256): G must be 1", "-1:4096,4096 for the last layer")
     p.add_argument("--distill", type=nonnegative_int, default=0, metavar="STEPS",
                    help="codebook distillation steps after k-means (0: none)")
-    p.add_argument("--distill-lr", type=positive_float, default=Method.distill_lr)
-    p.add_argument("--iters", type=positive_int, help=f"Lloyd iterations (default {Method.iters}; "
-                   "causal LLMs 8, as the catalogue's cached codebooks)")
-    p.add_argument("--max-points", type=positive_int, default=Method.max_points,
+    p.add_argument("--distill-lr", type=positive_float, default=DISTILL_LR)
+    p.add_argument("--iters", type=positive_int, help=f"Lloyd iterations (default {KMEANS_ITERS}; "
+                   f"causal LLMs {LLM_CALIB_ITERS}, as the catalogue's cached codebooks)")
+    p.add_argument("--max-points", type=positive_int, default=KMEANS_MAX_POINTS,
                    help="k-means points per layer (random subset)")
-    p.add_argument("--init", default=Method.init, choices=("sampled", "k-means++", "random"))
+    p.add_argument("--init", default=KMEANS_INIT, choices=("sampled", "k-means++", "random"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-text", metavar="FILE", help="calibration text (default: even "
                    "pydoc topics)")
@@ -72,9 +77,8 @@ def register(subparsers) -> None:
 
 def _method(args: argparse.Namespace, causal_lm: bool):
     from astra.calibrate import Method
-    from astra.evaluate_llm import CALIB_ITERS
     iters = args.iters if args.iters is not None else (
-        CALIB_ITERS if causal_lm else Method.iters)
+        LLM_CALIB_ITERS if causal_lm else Method.iters)
     return Method(groups=args.groups, codebook_size=args.codebook_size, stages=args.residual,
                   layer_stages=layer_stages_arg(args.layer_residual),
                   distill_steps=args.distill, distill_lr=args.distill_lr, iters=iters,

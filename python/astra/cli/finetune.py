@@ -11,6 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+from ..options import (
+    CODEBOOK_LR,
+    CODEBOOK_UPDATE,
+    CODEBOOK_UPDATES,
+    COMMITMENT,
+    NAQ_NOISE,
+    STUDY_MODELS,
+)
 from ._args import (
     add_residual_options,
     layer_stages_arg,
@@ -21,8 +29,6 @@ from ._args import (
 
 
 def register(subparsers) -> None:
-    from astra.catalog.tasks import STUDY_MODELS
-    from astra.finetune import UPDATES, FinetuneConfig
     p = subparsers.add_parser(
         "finetune", help="fine-tune a model for N devices (STE, NAQ noise, distillation)",
         description="Fine-tune one of the project's models for N simulated devices from "
@@ -36,12 +42,13 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=positive_int, help="optimizer steps (default: per model)")
     p.add_argument("--lr", type=nonnegative_float,
                    help="weights' learning rate (default: per model)")
-    p.add_argument("--codebook-lr", type=nonnegative_float, default=FinetuneConfig.codebook_lr)
-    p.add_argument("--noise", type=nonnegative_float, default=FinetuneConfig.noise,
+    p.add_argument("--codebook-lr", type=nonnegative_float, default=CODEBOOK_LR)
+    p.add_argument("--noise", type=nonnegative_float, default=NAQ_NOISE,
                    help="NAQ strength λ")
-    p.add_argument("--commitment", type=nonnegative_float, default=FinetuneConfig.commitment,
+    p.add_argument("--commitment", type=nonnegative_float, default=COMMITMENT,
                    help="β")
-    p.add_argument("--codebook-update", choices=UPDATES, default=FinetuneConfig.codebook_update)
+    p.add_argument("--codebook-update", choices=CODEBOOK_UPDATES,
+                   default=CODEBOOK_UPDATE)
     p.add_argument("--batch-size", type=positive_int, default=1, help="batches per step")
     p.add_argument("--no-distributed-cls", action="store_true",
                    help="one class token on device 0 instead of one copy per device")
@@ -85,6 +92,9 @@ def main(args: argparse.Namespace) -> int:
     method = Method(groups=args.groups, codebook_size=args.codebook_size,
                     stages=args.residual, layer_stages=layer_stages, seed=args.seed)
     out = Path(args.out) if args.out else _default_out(args, layer_stages)
+    if args.resume:  # before the minutes of set-up: is there a checkpoint of this config?
+        from astra.checkpoint import check_resume
+        check_resume(out, dataclasses.asdict(cfg))
     task, train = study_task(args.model, progress=not args.quiet)
     model = task.model
     cb = calibrate(model, task.calib, method, devices=args.devices, progress=not args.quiet,

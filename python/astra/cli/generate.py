@@ -12,11 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+from ..options import GENERATE_STRATEGIES
 from ._args import add_timeout, csv_ints, nonnegative_float, positive_float, positive_int
 
 
 def register(sub) -> None:
-    from astra.textgen import STRATEGIES
     p = sub.add_parser("generate", help="generate text from a prompt prefilled across N devices",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="smollm2 | a local HF folder or .gguf file")
@@ -25,7 +25,7 @@ def register(sub) -> None:
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--strategy", choices=STRATEGIES, default="astra")
+    p.add_argument("--strategy", choices=GENERATE_STRATEGIES, default="astra")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--bandwidth", type=positive_float, default=10.0, help="Mbit/s")
     p.add_argument("--latency-ms", type=nonnegative_float, default=0.5,

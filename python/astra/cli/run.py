@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..options import MODEL_NAMES, STRATEGIES
 from ._args import (
     add_timeout,
     csv_ints,
@@ -19,10 +20,8 @@ from ._args import (
 
 def add_job_args(p: argparse.ArgumentParser) -> None:
     """What every rank needs to build the same job (``astra run`` and torchrun)."""
-    from astra.catalog import names
-    from astra.parallel.job import STRATEGIES
     p.add_argument("--model", default="gpt2",
-                   help=" | ".join(names()) + " | a local HF folder or .gguf file")
+                   help=" | ".join(MODEL_NAMES) + " | a local HF folder or .gguf file")
     p.add_argument("--strategy", default="astra", choices=STRATEGIES)
     p.add_argument("--wire", default="fp32", choices=("fp32", "fp16", "int8"))
     p.add_argument("--tokens", type=positive_int, default=256, help="sequence length (text models)")
@@ -99,6 +98,11 @@ def main(args: argparse.Namespace) -> int:
           f"median {res['latency_s'] * 1e3:.1f} ms, "
           f"{res['bytes_per_device']:.0f} B sent per device, "
           f"link waits {res['wait_s'] * 1e3:.1f} ms")
+    if res["handshake"] and args.devices > 1:
+        hs = res["handshake"]
+        print(f"handshake (every rank runs the same model, codebooks and options): "
+              f"{hs['bytes']:.0f} B per rank, {hs['seconds'] * 1e3:.0f} ms, before the first "
+              "layer")
     _report_loss(res)
     if args.check:
         f = fidelity(results[0][0]["output"], results[1][0]["output"], logits=run.causal)

@@ -41,15 +41,21 @@ def main(args: argparse.Namespace) -> int:
     r = run_jobs(dict(model=run.spec, jobs=[job], threads=1, device=args.device))[0]
     if int(os.environ["RANK"]) == 0:
         print(f"median {statistics.median(r['times']) * 1e3:.1f} ms, "
-              f"{statistics.median(r['bytes_sent']):.0f} B sent by rank 0")
+              f"{statistics.median(r['bytes_sent']):.0f} B sent by rank 0; handshake "
+              f"{r['handshake']['bytes']:.0f} B, {r['handshake']['seconds'] * 1e3:.0f} ms")
     return 0
 
 
 def entry(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     return run_command(args, f"rank {os.environ.get('RANK', '?')}")
 
 
 if __name__ == "__main__":
+    # parsed before the worker (torch) is imported: a bad option is one line, exit 2, at once
+    parsed = build_parser().parse_args(sys.argv[1:])
     from astra.parallel.worker import exit_now
-    exit_now(entry, sys.argv[1:])
+    exit_now(_run, parsed)

@@ -196,12 +196,12 @@ def check_device(device: str, clocks: Sequence[str]) -> None:
     of GPU work). ``ValueError``."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device on this host "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
     if device == "cuda" and "virtual" in clocks:
         raise ValueError("--clock virtual counts CPU time; use --clock wall with --device "
                          "cuda (clock='wall' with device='cuda')")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device on this host "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
 
 
 def summarize(results: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -215,7 +215,7 @@ def summarize(results: List[Dict[str, Any]]) -> Dict[str, Any]:
     return dict(strategy=r0["strategy"], wire=r0["wire"], latency_s=statistics.median(r0["times"]),
                 times=r0["times"], bytes_per_device=max(sent),
                 wait_s=statistics.median(r0["waits"]) if r0["waits"] else 0.0,
-                codes_received=recv, codes_lost=lost,
+                codes_received=recv, codes_lost=lost, handshake=r0.get("handshake"),
                 lost_fraction=sum(lost) / sum(recv) if sum(recv) else 0.0)
 
 

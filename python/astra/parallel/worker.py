@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
+from .handshake import handshake
 from .job import Job, attn_per_key, check_chunks, default_chunks, job_codebooks, wire_bits
 from .ring import setup_ring as _setup_ring
 
@@ -211,13 +212,11 @@ def _inject(job: Job, rank: int, comm, forward):
 
 # ----------------------------------------------------------------------- one job
 
-def _prepare(job: Job, model, rank: int, world: int, device: torch.device):
-    """The rank's :class:`RankRun` and the job's codebooks (astra)."""
+def job_chunks(job: Job, model, world: int):
+    """``(n, chunks)``: the content tokens the ranks split and each rank's share (the
+    job's, checked, or :func:`default_chunks`); refuses outputs and generation the
+    model cannot give."""
     from astra.models import resolve
-
-    from .comm import DistCommunicator
-    if job.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {job.strategy!r}")
     ad = resolve(model)[1]
     if job.output not in ("full", "compact", "nll") or (job.output == "nll" and not ad.causal):
         raise ValueError(f"output must be 'full', 'compact' or (causal LMs) 'nll'; got "
@@ -229,7 +228,18 @@ def _prepare(job: Job, model, rank: int, world: int, device: torch.device):
                              f"astra; got {ad.family} with {job.strategy!r}")
         n -= 1
     check_chunks(job.chunks, n, world)
-    chunks = job.chunks or default_chunks(n, world, attn_per_key(model, ad))
+    return n, list(job.chunks or default_chunks(n, world, attn_per_key(model, ad)))
+
+
+def _prepare(job: Job, model, rank: int, world: int, device: torch.device):
+    """The rank's :class:`RankRun` and the job's codebooks (astra)."""
+    from astra.models import resolve
+
+    from .comm import DistCommunicator
+    if job.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {job.strategy!r}")
+    ad = resolve(model)[1]
+    n, chunks = job_chunks(job, model, world)
     lo = sum(chunks[:rank])
     cbs, wb = None, dict(G=0, K=0, bits=0, stage_bits=None)
     if job.strategy == "astra":
@@ -334,7 +344,13 @@ def run_jobs(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     try:
         astra_kernels.set_code_checks(False)  # codes come from our own encoder / decoder
         model = spec["model"].build().to(device)
-        return [run_job(j, model, rank, world, device) for j in spec["jobs"]]
+        jobs = [dataclasses.replace(j, inputs=j.inputs.to(device)) for j in spec["jobs"]]
+        # every rank proves it runs the same thing before a byte of codes is decoded
+        cost = handshake(model, jobs, [job_chunks(j, model, world)[1] for j in jobs])
+        out = [run_job(j, model, rank, world, device) for j in jobs]
+        for r in out:
+            r["handshake"] = cost
+        return out
     finally:
         try:
             dist.destroy_process_group()
