@@ -34,9 +34,9 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
     from astra import catalog
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, check_chunks, launch, summarize
-    prep = setup_result or catalog.prepare(name, tokens, with_codebooks="astra" in strategies)
+    prep = setup_result or catalog.prepare(name, tokens, with_codebooks="astra" in strategies,
+                                           check=lambda n: check_chunks(None, n, devices))
     spec, inputs, cbs, L = prep.spec, prep.inputs, prep.codebooks, prep.num_layers
-    check_chunks(None, prep.content_tokens, devices)  # before any rank starts
     clock = "virtual" if link == "virtual" else "wall"
     jobs, keys = [], []
     for bw in bandwidths:

@@ -205,10 +205,16 @@ class Prepared(NamedTuple):
     causal: bool
 
 
+def content_tokens(model, inputs) -> int:
+    """Tokens of ``inputs`` the ranks split (the class token excluded)."""
+    from astra.models import resolve
+    return resolve(model)[1].n_content(model, inputs)
+
+
 def _prepared(spec, inputs, cbs, model) -> "Prepared":
     from astra.models import resolve
     ad = resolve(model)[1]
-    return Prepared(spec, inputs, cbs, num_layers(model), ad.n_content(model, inputs),
+    return Prepared(spec, inputs, cbs, num_layers(model), content_tokens(model, inputs),
                     bool(ad.causal))
 
 
@@ -219,12 +225,17 @@ def num_layers(model) -> int:
 
 
 def prepare(name: str, tokens: int = 256, G: int = G_DEFAULT, K: int = K_DEFAULT, *,
-            with_codebooks: bool = True) -> Prepared:
+            with_codebooks: bool = True,
+            check: Optional[Callable[[int], None]] = None) -> Prepared:
     """A named model with its inputs and (quickly fitted or cached) codebooks
-    (``with_codebooks=False``: none, for strategies that send no codes)."""
+    (``with_codebooks=False``: none, for strategies that send no codes). ``check``:
+    called with the content tokens once the model is built, before any codebooks are
+    made (a split that cannot run fails before seconds or minutes of calibration)."""
     e = get(name)
     spec, inputs = model_and_inputs(name, tokens)
     model = spec.build()
+    if check is not None:
+        check(content_tokens(model, inputs))
     with torch.no_grad():
         if not with_codebooks:
             cbs = None
@@ -246,7 +257,8 @@ def finetuned(base: ModelSpec, checkpoint: str):
 
 def load(name: str, tokens: int, codebooks: Union[str, os.PathLike, None] = None,
          checkpoint: Union[str, os.PathLike, None] = None, *,
-         with_codebooks: bool = True) -> Prepared:
+         with_codebooks: bool = True,
+         check: Optional[Callable[[int], None]] = None) -> Prepared:
     """A named model for a run, with codebooks from a file or a checkpoint folder.
 
     Without ``codebooks`` / ``checkpoint``: :func:`prepare` (``with_codebooks``
@@ -258,10 +270,12 @@ def load(name: str, tokens: int, codebooks: Union[str, os.PathLike, None] = None
         raise ValueError("give --codebooks or --checkpoint, not both (a checkpoint "
                          "carries its own codebooks)")
     if not codebooks and not checkpoint:
-        return prepare(name, tokens, with_codebooks=with_codebooks)
+        return prepare(name, tokens, with_codebooks=with_codebooks, check=check)
     from astra import Codebooks
     spec, inputs = model_and_inputs(name, tokens, trained=not checkpoint)
     model = spec.build()
+    if check is not None:
+        check(content_tokens(model, inputs))
     if checkpoint:
         from astra.checkpoint import load_checkpoint
         path = os.path.abspath(os.fspath(checkpoint))

@@ -43,19 +43,20 @@ def run_command(args: argparse.Namespace, prog: str) -> int:
     """Run ``args.func(args)``; bad input (``ValueError``/``TypeError``, a missing file)
     becomes one line on stderr, ``prog: message``, and exit status 2; a run that failed
     (a rank died or stopped answering, training diverged) prints its message, exit 1."""
-    from astra.parallel.job import RunnerError
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else is re-raised
         if os.environ.get("ASTRA_DEBUG"):
             raise
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    except (RunnerError, FloatingPointError) as e:
-        if os.environ.get("ASTRA_DEBUG"):
-            raise
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 1
+        if isinstance(e, (ValueError, TypeError, FileNotFoundError)):
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 2
+        # imported only now: a refusal above must not wait for torch
+        from astra.parallel.job import RunnerError
+        if isinstance(e, (RunnerError, FloatingPointError)):
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 def _terminate(signum, frame):

@@ -70,16 +70,17 @@ def describe_codebooks(cbs) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.chunks is not None and len(args.chunks) != args.devices:  # before importing torch
+        raise ValueError(f"--chunks has {len(args.chunks)} entries {args.chunks} but there "
+                         f"are {args.devices} devices")
     from astra import catalog
     from astra.parallel.job import fidelity
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, check_chunks, check_device, launch, summarize
     check_device(args.device, [args.clock])  # before the set-up builds anything
-    if args.chunks is not None and len(args.chunks) != args.devices:
-        check_chunks(args.chunks, sum(args.chunks), args.devices)  # the count, at once
     run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint,
-                       with_codebooks=args.strategy == "astra")
-    check_chunks(args.chunks, run.content_tokens, args.devices)
+                       with_codebooks=args.strategy == "astra",
+                       check=lambda n: check_chunks(args.chunks, n, args.devices))
     link = LinkModel(args.bandwidth, args.latency_ms, medium=args.medium,
                      jitter_ms=args.jitter_ms, loss=args.loss)
     job = Job(args.strategy, run.inputs, wire=args.wire, codebooks=run.codebooks,
