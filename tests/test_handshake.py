@@ -103,3 +103,61 @@ def test_torchrun_ranks_that_disagree_stop_at_once_naming_the_fields(tmp_path):
     ok = _pair(["--tokens", "24"], ["--tokens", "24"])
     assert [c for c, _, _ in ok] == [0, 0], ok[0][2] + ok[1][2]
     assert "median" in ok[0][1] and "B sent by rank 0" in ok[0][1]
+
+
+def _namespaces():
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {ln.split()[0] for ln in out.splitlines() if ln.startswith("astra")}
+
+
+def _two_hosts(lab, extra0, extra1, tmp_path, timeout=300):
+    """The README's recipe: one ``torchrun`` per namespace ("host"), rank 0's address
+    as the rendezvous; (code, stdout, stderr) per host."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    procs = []
+    for r, extra in enumerate((extra0, extra1)):
+        cmd = lab.prefix(r) + [
+            torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r),
+            "--master_addr", lab.addr(0), "--master_port", "29511",
+            "-m", "astra.cli.torchrun", "--model", "tiny-bert", "--strategy", "astra",
+            "--repeats", "2", "--timeout", "60", *extra]
+        env = dict(os.environ, GLOO_SOCKET_IFNAME=lab.ifname(r), TMPDIR=str(tmp_path))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    out = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=timeout)
+            out.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("astra.parallel.netns", fromlist=["x"]).netns_supported()
+                    is not None, reason="network namespaces need root and iproute2")
+def test_the_readme_torchrun_recipe_on_two_namespaces(tmp_path):
+    from astra.parallel.launcher import launch
+    from astra.parallel.netns import NetnsLab
+    before = _namespaces()
+    with NetnsLab(2, 10.0) as lab:
+        res = _two_hosts(lab, ["--tokens", "24", "--output", str(tmp_path / "out.pt")],
+                         ["--tokens", "24"], tmp_path)
+        assert [c for c, _, _ in res] == [0, 0], res[0][2][-2000:] + res[1][2][-2000:]
+        assert "median" in res[0][1] and "codebooks sent by rank 0 once" in res[0][1]
+        bad = _two_hosts(lab, ["--tokens", "24"], ["--tokens", "20"], tmp_path)
+    assert _namespaces() == before  # the lab is gone
+    # both hosts refused the mismatch, naming the field (torchrun reports the rank's exit)
+    for code, _, err in bad:
+        assert code != 0 and "rank 1 tokens: (2, 20) (rank 0: (2, 24))" in err, err[-2000:]
+    # the two hosts computed what the local runner computes (equal to the simulation,
+    # tests/test_runner.py) with rank 0's codebooks (the catalogue's quick fit)
+    prep = catalog.prepare("tiny-bert", 24)
+    local = launch(prep.spec, [Job("astra", prep.inputs, codebooks=prep.codebooks,
+                                   output="compact", link=None, link_mode="none")], 2)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), local[0][0]["output"],
+                               rtol=1e-5, atol=1e-5)

@@ -24,25 +24,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m astra.cli.torchrun", description=__doc__.splitlines()[0])
     add_job_args(p)
     add_timeout(p, 60.0)
+    p.add_argument("--output", metavar="PATH.pt",
+                   help="rank 0 saves the run's output tensor here (torch.save)")
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
     from astra import catalog
     from astra.parallel.runner import Job, check_device
     from astra.parallel.worker import run_jobs
     check_device(args.device, ["wall"])
+    rank = int(os.environ.get("RANK", "0"))
+    astra = args.strategy == "astra"
+    # codebooks made here (neither --codebooks nor --checkpoint): rank 0 makes them and
+    # sends them to the others once, so hosts never disagree by construction
+    shared = astra and not args.codebooks and not args.checkpoint
     run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint,
-                       with_codebooks=args.strategy == "astra")
+                       with_codebooks=astra and (rank == 0 or not shared))
     job = Job(args.strategy, run.inputs, wire=args.wire, codebooks=run.codebooks,
               output="compact", link=None, link_mode="none", repeats=args.repeats, warmup=1,
               timeout_s=args.timeout)
-    r = run_jobs(dict(model=run.spec, jobs=[job], threads=1, device=args.device))[0]
-    if int(os.environ["RANK"]) == 0:
+    r = run_jobs(dict(model=run.spec, jobs=[job], threads=1, device=args.device,
+                      share_codebooks=shared))[0]
+    if rank == 0:
+        shared_b = (f"; codebooks sent by rank 0 once: {r['shared_codebooks_bytes']:,} B"
+                    if r.get("shared_codebooks_bytes") else "")
         print(f"median {statistics.median(r['times']) * 1e3:.1f} ms, "
               f"{statistics.median(r['bytes_sent']):.0f} B sent by rank 0; handshake "
-              f"{r['handshake']['bytes']:.0f} B, {r['handshake']['seconds'] * 1e3:.0f} ms")
+              f"{r['handshake']['bytes']:.0f} B, {r['handshake']['seconds'] * 1e3:.0f} ms"
+              + shared_b)
+        if args.output:
+            torch.save(r["output"], args.output)
     return 0
 
 

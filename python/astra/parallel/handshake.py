@@ -40,10 +40,13 @@ def _weights_hash(model: torch.nn.Module) -> str:
 
 
 def fingerprint(model: torch.nn.Module, jobs: Sequence[Any],
-                chunks: Sequence[Sequence[int]]) -> Dict[str, Any]:
+                chunks: Sequence[Sequence[int]], shared_codebooks: bool = False
+                ) -> Dict[str, Any]:
     """What this rank will run: ``{field: value}`` (small, picklable).
 
-    ``chunks``: each job's content tokens per rank, as this rank computed them."""
+    ``chunks``: each job's content tokens per rank, as this rank computed them.
+    ``shared_codebooks``: the codebooks will come from rank 0 after the handshake (the
+    field then says so instead of hashing a tensor the other ranks do not have yet)."""
     import astra_kernels
     from astra.models import resolve
 
@@ -63,7 +66,8 @@ def fingerprint(model: torch.nn.Module, jobs: Sequence[Any],
             f"{p}tokens": tuple(job.inputs.shape), f"{p}inputs": tensor_hash(job.inputs),
             f"{p}chunks": tuple(int(c) for c in ch), f"{p}output": job.output,
             f"{p}new tokens": job.max_new_tokens,
-            f"{p}codebooks": "none" if cbs is None else
+            f"{p}codebooks": "rank 0's, sent after the handshake" if shared_codebooks else
+            "none" if cbs is None else
             f"{cbs.kind} {tuple(cbs.tensor.shape)} {tensor_hash(cbs.tensor)}"})
     return fp
 
@@ -90,7 +94,8 @@ def describe(diffs: Sequence[Tuple[int, str, Any, Any]], world: int) -> str:
 
 
 def handshake(model: torch.nn.Module, jobs: Sequence[Any],
-              chunks: Sequence[Sequence[int]]) -> Dict[str, float]:
+              chunks: Sequence[Sequence[int]], shared_codebooks: bool = False
+              ) -> Dict[str, float]:
     """All-gather every rank's :func:`fingerprint` (the process group is up); raise
     :class:`HandshakeError` on every rank if any differs. Returns the cost:
     ``{"bytes": pickled fingerprint bytes per rank, "seconds": wall time}``."""
@@ -98,7 +103,7 @@ def handshake(model: torch.nn.Module, jobs: Sequence[Any],
 
     import torch.distributed as dist
     t0 = time.perf_counter()
-    fp = fingerprint(model, jobs, chunks)
+    fp = fingerprint(model, jobs, chunks, shared_codebooks)
     world = dist.get_world_size()
     got: List[Any] = [None] * world
     dist.all_gather_object(got, fp)

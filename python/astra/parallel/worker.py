@@ -324,9 +324,21 @@ def _rank_device(device: str, rank: int) -> torch.device:
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
+def _codebooks_from_rank0(jobs: List[Job], rank: int):
+    """Every job's codebooks as rank 0 has them (rank 0 made them; the others hold
+    None): one broadcast before the first job. Returns the jobs and the bytes sent."""
+    import torch.distributed as dist
+    got = [[j.codebooks for j in jobs] if rank == 0 else None]
+    dist.broadcast_object_list(got, src=0)
+    nbytes = len(pickle.dumps(got[0]))
+    return [dataclasses.replace(j, codebooks=c) for j, c in zip(jobs, got[0])], nbytes
+
+
 def run_jobs(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     """This rank (``RANK``, ``WORLD_SIZE``, ``MASTER_*`` in the environment) joins the
-    gloo process group, builds ``spec["model"]`` and runs ``spec["jobs"]``."""
+    gloo process group, builds ``spec["model"]`` and runs ``spec["jobs"]``, after
+    the handshake (:mod:`astra.parallel.handshake`). ``spec["share_codebooks"]``: the
+    jobs' codebooks are rank 0's, broadcast once (the other ranks pass None)."""
     import faulthandler
 
     import torch.distributed as dist
@@ -345,11 +357,18 @@ def run_jobs(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
         astra_kernels.set_code_checks(False)  # codes come from our own encoder / decoder
         model = spec["model"].build().to(device)
         jobs = [dataclasses.replace(j, inputs=j.inputs.to(device)) for j in spec["jobs"]]
+        share = bool(spec.get("share_codebooks"))
         # every rank proves it runs the same thing before a byte of codes is decoded
-        cost = handshake(model, jobs, [job_chunks(j, model, world)[1] for j in jobs])
+        # (codebooks that rank 0 sends afterwards are equal by construction)
+        cost = handshake(model, jobs, [job_chunks(j, model, world)[1] for j in jobs],
+                         shared_codebooks=share)
+        shared = 0
+        if share:
+            jobs, shared = _codebooks_from_rank0(jobs, rank)
         out = [run_job(j, model, rank, world, device) for j in jobs]
         for r in out:
             r["handshake"] = cost
+            r["shared_codebooks_bytes"] = shared
         return out
     finally:
         try:
