@@ -25,12 +25,15 @@ def test_nll_output_is_hf_loss_and_the_loss_table_counts_what_was_lost():
 
     rows = reliability.quality_vs_loss("tiny-gpt2", devices=2, tokens=40, losses=(0.0, 0.5),
                                        mtus=(2,), seeds=(0, 1), quiet=True)
-    by_loss = {r["loss"]: r for r in rows}
-    assert by_loss[0.0]["lost_fraction"] == 0.0 and by_loss[0.0]["cost_vs_no_loss"] == 0.0
-    assert by_loss[0.0]["quality_single"] == pytest.approx(math.exp(float(hf)), rel=1e-5)
-    assert 0.3 < by_loss[0.5]["lost_fraction"] < 0.8  # about one token per 2-byte packet
-    assert by_loss[0.5]["seeds"] == 2 and by_loss[0.5]["metric"] == "perplexity"
-    assert by_loss[0.5]["quality"] != by_loss[0.0]["quality"]  # the losses changed the output
+    by = {(r["resend"], r["loss"]): r for r in rows}
+    assert sorted(by) == [(0, 0.0), (0, 0.5), (1, 0.5)]
+    assert by[0, 0.0]["lost_fraction"] == 0.0 and by[0, 0.0]["cost_vs_no_loss"] == 0.0
+    assert by[0, 0.0]["quality_single"] == pytest.approx(math.exp(float(hf)), rel=1e-5)
+    assert 0.3 < by[0, 0.5]["lost_fraction"] < 0.8  # about one token per 2-byte packet
+    # one resend round: a packet stays lost with probability 0.5 ** 2 (few packets here)
+    assert 0.05 < by[1, 0.5]["lost_fraction"] < by[0, 0.5]["lost_fraction"] - 0.1
+    assert by[0, 0.5]["seeds"] == 2 and by[0, 0.5]["metric"] == "perplexity"
+    assert by[0, 0.5]["quality"] != by[0, 0.0]["quality"]  # the losses changed the output
 
 
 def test_nll_needs_a_causal_lm():

@@ -41,10 +41,11 @@ def _quality(out, ref, causal: bool) -> float:
 
 def quality_vs_loss(name: str, *, devices: int = 4, tokens: int = 512,
                     losses: Sequence[float] = LOSSES, mtus: Sequence[int] = MTUS,
-                    seeds: Sequence[int] = (0, 1, 2), quiet: bool = False) -> List[Dict]:
-    """One row per (mtu, loss): the lost fraction of remote codes and the quality
-    (mean over ``seeds`` of the link's loss draws), beside one device's and the
-    lossless run's. The rows are printed as a table unless ``quiet``."""
+                    resends: Sequence[int] = (0, 1), seeds: Sequence[int] = (0, 1, 2),
+                    quiet: bool = False) -> List[Dict]:
+    """One row per (mtu, resend rounds, loss): the lost fraction of remote codes and
+    the quality (mean over ``seeds`` of the link's loss draws), beside one device's
+    and the lossless run's. The rows are printed as a table unless ``quiet``."""
     from astra import catalog
     from astra.parallel.job import Job, summarize
     from astra.parallel.launcher import launch
@@ -53,12 +54,15 @@ def quality_vs_loss(name: str, *, devices: int = 4, tokens: int = 512,
     out = "nll" if prep.causal else "compact"
     jobs, keys = [Job("single", prep.inputs, output=out, name="single")], [None]
     for mtu in mtus:
-        for p in losses:
-            for s in (seeds if p else seeds[:1]):
-                lk = LinkModel(1000.0, 0.0, loss=p, mtu=mtu, seed=s)
-                jobs.append(Job("astra", prep.inputs, codebooks=prep.codebooks, output=out,
-                                link=lk, name=f"astra-{mtu}-{p}-{s}"))
-                keys.append((mtu, p))
+        for rs in resends:
+            for p in losses:
+                if rs and not p:
+                    continue  # nothing to resend
+                for s in (seeds if p else seeds[:1]):
+                    lk = LinkModel(1000.0, 0.0, loss=p, mtu=mtu, seed=s, resend=rs)
+                    jobs.append(Job("astra", prep.inputs, codebooks=prep.codebooks,
+                                    output=out, link=lk, name=f"astra-{mtu}-{rs}-{p}-{s}"))
+                    keys.append((mtu, rs, p))
     res = launch(prep.spec, jobs, devices)
     ref = res[0][0]["output"]
     single = _quality(ref, ref, prep.causal)
@@ -66,12 +70,13 @@ def quality_vs_loss(name: str, *, devices: int = 4, tokens: int = 512,
     for key, r in zip(keys[1:], res[1:]):
         q = _quality(r[0]["output"], ref, prep.causal)
         acc.setdefault(key, []).append((q, summarize(r)["lost_fraction"]))
-    clean = {mtu: sum(q for q, _ in acc[(mtu, 0.0)]) / len(acc[(mtu, 0.0)]) for mtu in mtus}
+    clean = {mtu: sum(q for q, _ in acc[(mtu, 0, 0.0)]) / len(acc[(mtu, 0, 0.0)])
+             for mtu in mtus}
     rows = []
-    for (mtu, p), got in acc.items():
+    for (mtu, rs, p), got in acc.items():
         q = sum(v for v, _ in got) / len(got)
         cost = (q / clean[mtu] - 1) if prep.causal else (1 - q / clean[mtu])
-        rows.append(dict(model=name, devices=devices, tokens=tokens, mtu=mtu, loss=p,
+        rows.append(dict(model=name, devices=devices, tokens=tokens, mtu=mtu, resend=rs, loss=p,
                          metric="perplexity" if prep.causal else "cosine to one device",
                          lost_fraction=sum(f for _, f in got) / len(got), quality=q,
                          quality_single=single, quality_no_loss=clean[mtu],
@@ -85,9 +90,10 @@ def print_loss_table(rows: List[Dict]) -> None:
     r0 = rows[0]
     print(f"{r0['model']}, N={r0['devices']}, {r0['tokens']} tokens, {r0['metric']} "
           f"(one device: {r0['quality_single']:.4f})")
-    print(f"{'mtu':>5} {'loss':>6} {'codes lost':>11} {'quality':>9} {'vs no loss':>11}")
+    print(f"{'mtu':>5} {'resend':>6} {'loss':>6} {'codes lost':>11} {'quality':>9} "
+          f"{'vs no loss':>11}")
     for r in rows:
-        print(f"{r['mtu']:>5} {r['loss']:>6.0%} {r['lost_fraction']:>11.1%} "
+        print(f"{r['mtu']:>5} {r['resend']:>6} {r['loss']:>6.0%} {r['lost_fraction']:>11.1%} "
               f"{r['quality']:>9.4f} {r['cost_vs_no_loss']:>+11.2%}")
 
 

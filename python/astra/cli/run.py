@@ -12,6 +12,7 @@ from ._args import (
     add_timeout,
     csv_ints,
     nonnegative_float,
+    nonnegative_int,
     positive_float,
     positive_int,
     probability,
@@ -50,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--jitter-ms", type=nonnegative_float, default=0.0)
     p.add_argument("--loss", type=probability, default=0.0,
                    help="packet loss probability (codes)")
+    p.add_argument("--resend", type=nonnegative_int, default=0, metavar="ROUNDS",
+                   help="with --loss: rounds in which a device asks again for its lost code "
+                   "packets (each costs one more latency and the resent bytes)")
     p.add_argument("--medium", choices=("shared", "switched"), default="shared")
     p.add_argument("--clock", choices=("wall", "virtual"), default="wall")
     p.add_argument("--check", action="store_true",
@@ -82,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
                        with_codebooks=args.strategy == "astra",
                        check=lambda n: check_chunks(args.chunks, n, args.devices))
     link = LinkModel(args.bandwidth, args.latency_ms, medium=args.medium,
-                     jitter_ms=args.jitter_ms, loss=args.loss)
+                     jitter_ms=args.jitter_ms, loss=args.loss, resend=args.resend)
     job = Job(args.strategy, run.inputs, wire=args.wire, codebooks=run.codebooks,
               chunks=args.chunks, output="compact", link=link,
               clock=args.clock, repeats=args.repeats, warmup=1, timeout_s=args.timeout)

@@ -421,7 +421,7 @@ class DistCommunicator:
             self.clock.offset -= blocked_cpu
         out: List[Optional[Tensor]] = [None] * self.world_size
         starts = [h.t_start]
-        recv = 0
+        recv = resend_rounds = resend_bytes = 0
         for s, buf in h.recv_bufs.items():
             e = h.expect[s]
             fr = wire.decode(buf, seq=h.seq, src=s, **e)
@@ -431,16 +431,20 @@ class DistCommunicator:
             if fr.kind in wire.CODE_KINDS:
                 self.codes_received += t.shape[0] * t.shape[1]
                 if self.link is not None and self.link.loss > 0:
-                    t = self._drop(t, h.seq, s, fr)
+                    t, rounds, resent = self._drop(t, h.seq, s, fr)
+                    resend_rounds, resend_bytes = max(resend_rounds, rounds), resend_bytes + resent
                     self.codes_lost += int((t[..., 0] < 0).sum())
             out[s] = t.to(self.device)
         link_s = wait_s = 0.0
         if self.link is not None and self.link_mode != "none" and h.recv_bufs:
             if self.link_mode == "model":
                 link_s = self._duration(h.seq, h.plan)
+                if resend_rounds:  # NACK and resend: a latency and the bytes per round
+                    link_s += resend_rounds * self._latency(h.seq) + \
+                        self.link.serialization_s([(1, 0, resend_bytes)])
                 wait_s = self.clock.wait_until(max(starts) + link_s)
             else:  # real shaped link: only the one-way latency is added here
-                link_s = self._latency(h.seq)
+                link_s = (1 + resend_rounds) * self._latency(h.seq)
                 wait_s = self.clock.wait_until(self.clock.now() + link_s)
         self.stats.append(CollectiveStat(h.seq, h.what, h.sent, recv, link_s, wait_s, blocked_cpu))
         if h.own is not None:
@@ -463,22 +467,28 @@ class DistCommunicator:
             return 0.0
         return self._latency(seq) + self.link.serialization_s(plan)
 
-    def _drop(self, codes: Tensor, seq: int, src: int, fr: wire.Frame) -> Tensor:
+    def _drop(self, codes: Tensor, seq: int, src: int, fr: wire.Frame):
+        """``(codes with lost tokens -1, resend rounds used, bytes resent)``."""
         lk = self.link
         rng = random.Random(((lk.seed * 1_000_003 + seq) * 4099 + src) * 4099 + self.rank)
         nbytes = fr.payload.numel()
         lost = [(a, min(a + lk.mtu, nbytes)) for a in range(0, nbytes, lk.mtu)
                 if rng.random() < lk.loss]
+        rounds = resent = 0
+        while lost and rounds < lk.resend:  # ask again for what was lost
+            rounds += 1
+            resent += sum(b - a for a, b in lost)
+            lost = [p for p in lost if rng.random() < lk.loss]
         if not lost:
-            return codes
+            return codes, rounds, resent
         B, T, G = codes.shape
         per_token = fr.bits if fr.kind == "rcodes" else G * fr.bits  # rcodes: bits per token
         if per_token <= 0:
-            return codes
+            return codes, rounds, resent
         idx = missing_tokens(lost, per_token, B * T)
         codes = codes.reshape(B * T, G).clone()
         codes[idx] = -1
-        return codes.reshape(B, T, G)
+        return codes.reshape(B, T, G), rounds, resent
 
     # ------------------------------------------------------------------ reporting
     def bytes_sent(self) -> int:

@@ -11,7 +11,10 @@ a duration:
 ``latency_ms`` is the one-way latency of a transfer; ``jitter_ms`` adds a uniformly
 random ``[0, jitter]`` to it; ``loss`` is the probability that a packet (``mtu`` bytes of
 one payload) is lost. Loss is applied by the runner to the payload it received: tokens
-whose bytes lie in a lost packet become missing codes (-1).
+whose bytes lie in a lost packet become missing codes (-1). ``resend`` rounds model a
+receiver that asks for its lost packets again (a NACK per layer): each round costs one
+more latency plus the resent bytes, and a packet lost in every round stays lost
+(probability ``loss ** (1 + resend)``).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class LinkModel:
     loss: float = 0.0
     mtu: int = 1500
     seed: int = 0
+    resend: int = 0
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -44,6 +48,8 @@ class LinkModel:
             raise ValueError(f"medium must be 'shared' or 'switched', got {self.medium!r}")
         if not 0.0 <= self.loss < 1.0:
             raise ValueError(f"loss must be in [0, 1), got {self.loss}")
+        if not isinstance(self.resend, int) or self.resend < 0:
+            raise ValueError(f"resend must be an int >= 0, got {self.resend!r}")
         self._rng = random.Random(self.seed)
 
     def serialization_s(self, plan: Iterable[Transfer]) -> float:
