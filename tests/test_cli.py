@@ -6,11 +6,11 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from astra import cli
+from astra.bench.reliability import processes_mentioning as _processes_mentioning
 from astra.parallel.netns import netns_supported
 
 
@@ -154,19 +154,6 @@ def test_the_old_torchrun_entry_points_to_the_new_one():
     p = subprocess.run([sys.executable, "-m", "astra.parallel.runner", "torchrun"],
                        capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode != 0 and "python -m astra.cli.torchrun" in p.stderr
-
-
-def _processes_mentioning(text: str):
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmd:
-                found.append(int(d.name))
-    return found
 
 
 def _astra_namespaces():

@@ -60,17 +60,12 @@ def _port():
         return s.getsockname()[1]
 
 
-def _pair(args0, args1, timeout=240):
-    """Two torchrun ranks on this machine with their own options; (code, out, err) each."""
-    port = _port()
-    procs = []
-    for r, extra in enumerate((args0, args1)):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "astra.cli.torchrun", "--model", "tiny-bert",
-             "--strategy", "astra", "--repeats", "1", "--timeout", "60", *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+ENTRY = ["-m", "astra.cli.torchrun", "--model", "tiny-bert", "--strategy", "astra",
+         "--timeout", "60"]
+
+
+def _finish(procs, timeout):
+    """Wait for every process; (code, stdout, stderr) each; none is left running."""
     out = []
     try:
         for p in procs:
@@ -80,7 +75,21 @@ def _pair(args0, args1, timeout=240):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
     return out
+
+
+def _pair(args0, args1, timeout=240):
+    """Two torchrun ranks on this machine with their own options; (code, out, err) each."""
+    port = _port()
+    procs = []
+    for r, extra in enumerate((args0, args1)):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, *ENTRY, "--repeats", "1", *extra],
+                                      env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return _finish(procs, timeout)
 
 
 @pytest.mark.slow
@@ -90,16 +99,15 @@ def test_torchrun_ranks_that_disagree_stop_at_once_naming_the_fields(tmp_path):
     acts = [a for a in __import__("astra").collect_activations(model, [x])]
     path = tmp_path / "other.safetensors"
     Codebooks.fit(acts, 1, 16, iters=2, progress=False, model=model, seed=5).save(path)
-    res = _pair(["--tokens", "24"], ["--tokens", "24", "--codebooks", str(path)])
+    # host B was given another codebooks file and another length: both fields named
+    res = _pair(["--tokens", "24"], ["--tokens", "20", "--codebooks", str(path)])
     for r, (code, out, err) in enumerate(res):
         assert code == 2, (r, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"rank {r}: the ranks would run "
                                                        "different things: rank 1 of 2"), err
-        assert "rank 1 codebooks" in err and "median" not in out
-    res = _pair(["--tokens", "24"], ["--tokens", "20"])
-    for code, _, err in res:
-        assert code == 2 and "rank 1 tokens: (2, 20) (rank 0: (2, 24))" in err, err
+        assert "rank 1 codebooks" in err and "rank 1 tokens: (2, 20) (rank 0: (2, 24))" in err
+        assert "median" not in out
     ok = _pair(["--tokens", "24"], ["--tokens", "24"])
     assert [c for c, _, _ in ok] == [0, 0], ok[0][2] + ok[1][2]
     assert "median" in ok[0][1] and "B sent by rank 0" in ok[0][1]
@@ -118,23 +126,12 @@ def _two_hosts(lab, extra0, extra1, tmp_path, timeout=300):
     for r, extra in enumerate((extra0, extra1)):
         cmd = lab.prefix(r) + [
             torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r),
-            "--master_addr", lab.addr(0), "--master_port", "29511",
-            "-m", "astra.cli.torchrun", "--model", "tiny-bert", "--strategy", "astra",
-            "--repeats", "2", "--timeout", "60", *extra]
+            "--master_addr", lab.addr(0), "--master_port", "29511", *ENTRY,
+            "--repeats", "2", *extra]
         env = dict(os.environ, GLOO_SOCKET_IFNAME=lab.ifname(r), TMPDIR=str(tmp_path))
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    out = []
-    try:
-        for p in procs:
-            o, e = p.communicate(timeout=timeout)
-            out.append((p.returncode, o, e))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return out
+    return _finish(procs, timeout)
 
 
 @pytest.mark.slow

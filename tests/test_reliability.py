@@ -13,16 +13,9 @@ from astra.parallel.launcher import launch
 
 def test_nll_output_is_hf_loss_and_the_loss_table_counts_what_was_lost():
     prep = catalog.prepare("tiny-gpt2", 40, G=1, K=16)
-    model = prep.spec.build()
     with torch.no_grad():
-        hf = model(prep.inputs, labels=prep.inputs).loss
-    res = launch(prep.spec, [Job("single", prep.inputs, output="nll"),
-                             Job("sp", prep.inputs, output="nll")], 2)
-    for r in res:
-        nll = r[0]["output"]
-        assert nll.shape == (prep.inputs.shape[0], prep.inputs.shape[1] - 1)
-        torch.testing.assert_close(nll.mean(), hf, rtol=1e-5, atol=1e-5)
-
+        hf = prep.spec.build()(prep.inputs, labels=prep.inputs).loss
+    # one launch: one device's "nll" output and astra's at 0 and 50% loss, 0-1 resends
     rows = reliability.quality_vs_loss("tiny-gpt2", devices=2, tokens=40, losses=(0.0, 0.5),
                                        mtus=(2,), seeds=(0, 1), quiet=True)
     by = {(r["resend"], r["loss"]): r for r in rows}
@@ -44,10 +37,7 @@ def test_nll_needs_a_causal_lm():
 
 
 @pytest.mark.slow
-def test_fault_rows_name_the_rank_and_leave_nothing():
-    rows = [reliability._launch_fault("die:1", 2, 5.0),
-            reliability._launch_fault("hang:1", 3, 3.0)]
-    assert rows[0]["message"].startswith("rank 1 failed (exit 3)")
-    assert rows[1]["message"].startswith("rank 1 stopped answering")
-    assert all(r["leftovers"] == 0 for r in rows)
-    assert 3.0 <= rows[1]["seconds"]  # the timeout ran out before the blame
+def test_fault_rows_time_the_fault_and_leave_nothing():
+    row = reliability._launch_fault("die:1", 2, 5.0)
+    assert row["message"].startswith("rank 1 failed (exit 3)")
+    assert row["leftovers"] == 0 and 0 <= row["seconds"] < 60

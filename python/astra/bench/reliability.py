@@ -99,7 +99,8 @@ def print_loss_table(rows: List[Dict]) -> None:
 
 # ------------------------------------------------------------------------- faults
 
-def _workers(tag: str) -> List[int]:
+def processes_mentioning(text: str) -> List[int]:
+    """Pids of the processes whose command line contains ``text`` (Linux ``/proc``)."""
     found = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -107,9 +108,14 @@ def _workers(tag: str) -> List[int]:
                 cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if tag in cmd and "astra.parallel.worker" in cmd:
+            if text in cmd:
                 found.append(int(d.name))
     return found
+
+
+def _workers(tag: str) -> List[int]:
+    """The worker processes of runs whose temp folders are under ``tag``."""
+    return processes_mentioning(os.path.join(tag, "astra-run-"))
 
 
 def _launch_fault(fault: str, world: int, timeout_s: float) -> Dict:
