@@ -265,6 +265,31 @@ def test_load_checkpoint_rejects_another_model(tmp_path):
         load_checkpoint(_gpt2(), tmp_path / "nothing")
 
 
+def test_load_checkpoint_names_a_damaged_or_non_finite_weights_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+    batches = _gpt2_batches(n=1)
+    model = _gpt2()
+    finetune(model, _codebooks(model, batches), batches,
+             config=dataclasses.replace(CFG, steps=1), out_dir=tmp_path, progress=False)
+    weights = tmp_path / "model.safetensors"
+    good = weights.read_bytes()
+    state = load_file(str(weights))
+    name = sorted(state)[0]
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(weights))
+    fresh = _gpt2(seed=7)
+    before = _params(fresh)
+    with pytest.raises(ValueError, match=rf"model.safetensors has non-finite .*{name}"):
+        load_checkpoint(fresh, tmp_path)
+    weights.write_bytes(good[: len(good) // 3])
+    with pytest.raises(ValueError, match="model.safetensors is damaged or not a safetensors"):
+        load_checkpoint(fresh, tmp_path)
+    after = _params(fresh)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # untouched
+    weights.write_bytes(good)
+    load_checkpoint(fresh, tmp_path)  # the intact file loads
+
+
 def test_finetuning_reduces_the_distillation_loss_and_keeps_the_original_untouched():
     batches = _gpt2_batches(n=2)
     model = _gpt2()

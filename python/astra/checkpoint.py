@@ -63,17 +63,33 @@ def check_resume(out_dir: Union[str, os.PathLike, None], config: Dict[str, Any])
                          + "; ".join(diffs))
 
 
+def _load_weights(model: nn.Module, file: Path):
+    """``load_model(strict=False)`` after checking the file: damaged or non-finite
+    weights are a ``ValueError`` naming it (the model is untouched then)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, load_model
+    try:
+        state = load_file(os.fspath(file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is damaged or not a safetensors file ({e})") from None
+    bad = [k for k, t in state.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{file} has non-finite (NaN/inf) weights in {bad[:5]}")
+    # safetensors' own loader: it restores tensors saved once for tied weights
+    return load_model(model, os.fspath(file), strict=False)
+
+
 def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> Codebooks:
     """Load a :func:`astra.finetune.finetune` checkpoint folder into ``model`` (unpatched)
     and return its codebooks (checked against the model): ``astra.patch(model, cb,
     devices=N)`` runs it."""
-    from safetensors.torch import load_model
     path = Path(path)
     for name in ("model.safetensors", "codebooks.safetensors"):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path} is not a finetune checkpoint: no {name}")
     cb = Codebooks.load(path / "codebooks.safetensors", expect=model)
-    missing, unexpected = load_model(model, os.fspath(path / "model.safetensors"), strict=False)
+    missing, unexpected = _load_weights(model, path / "model.safetensors")
     if missing or unexpected:
         raise ValueError(f"{path}/model.safetensors does not fit the model: missing "
                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
