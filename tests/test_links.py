@@ -76,15 +76,34 @@ def test_loss_marks_tokens_missing_and_is_deterministic():
     codes = torch.randint(0, 16, (1, 40, 2), dtype=torch.int32)
     f = wire.decode(wire.encode(codes, "codes", seq=7, src=0, t_send=0, bits=4),
                     kind="codes", seq=7, src=0, rows=1, tokens=40, width=2, bits=4)
-    a = comm._drop(codes, 7, 0, f)
-    b = comm._drop(codes, 7, 0, f)
-    assert torch.equal(a, b)
+    a, rounds, resent = comm._drop(codes, 7, 0, f)
+    b, _, _ = comm._drop(codes, 7, 0, f)
+    assert torch.equal(a, b) and rounds == 0 and resent == 0
     miss = (a < 0).all(-1)
     assert 0 < int(miss.sum()) < 40
     assert ((a < 0).any(-1) == miss).all()         # a token is lost whole
     # 4-byte packets of 8-bit tokens: lost tokens come in runs of 4
     assert int(miss.sum()) % 4 == 0
     assert torch.equal(a[~miss.unsqueeze(-1).expand_as(a)], codes[~miss.unsqueeze(-1).expand_as(a)])
+
+
+def test_resend_rounds_recover_lost_packets_and_count_what_was_resent():
+    codes = torch.randint(0, 16, (1, 400, 2), dtype=torch.int32)
+    f = wire.decode(wire.encode(codes, "codes", seq=7, src=0, t_send=0, bits=4),
+                    kind="codes", seq=7, src=0, rows=1, tokens=400, width=2, bits=4)
+    lost = {}
+    for resend in (0, 1, 2):
+        lk = LinkModel(10.0, loss=0.5, mtu=4, seed=1, resend=resend)
+        out, rounds, resent = DistCommunicator(1, 2, [400, 400], bits=4, link=lk)._drop(
+            codes, 7, 0, f)
+        lost[resend] = int((out < 0).all(-1).sum())
+        assert rounds == resend and (resent > 0) == (resend > 0)
+        assert resent % 4 == 0  # whole 4-byte packets
+        assert torch.equal(out[out >= 0], codes[out >= 0])  # what arrived is intact
+    # each round keeps about half of what was still lost (loss 0.5)
+    assert 120 < lost[0] < 280 and 40 < lost[1] < 140 and lost[2] < lost[1]
+    with pytest.raises(ValueError, match="resend must be an int >= 0"):
+        LinkModel(10.0, resend=-1)
 
 
 def test_virtual_clock_advances_on_waits_only_forward():
