@@ -5,12 +5,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from astra import cli
-from astra.bench.reliability import processes_mentioning as _processes_mentioning
+from astra.bench.reliability import LONG_RUN, signal_a_run
 from astra.parallel.netns import netns_supported
 
 
@@ -161,57 +160,30 @@ def _astra_namespaces():
     return {ln.split()[0] for ln in out.splitlines() if ln.startswith("astra")}
 
 
-def _signal_a_run(tmp_path, argv, sig, world=2):
-    """Start ``astra argv`` (a long run), wait until its ``world`` workers run their job,
-    send ``sig`` to the parent; its exit status once it is gone."""
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    p = subprocess.Popen([sys.executable, "-m", "astra.cli", *argv], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        workers, deadline = [], time.monotonic() + 180
-        while len(workers) < world and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.5)
-            workers = _processes_mentioning(str(tmp_path / "astra-run-"))
-        assert len(workers) == world, p.stderr.read() if p.poll() is not None else "no workers"
-        time.sleep(2)  # the ranks are inside their jobs
-        p.send_signal(sig)
-        p.wait(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    deadline = time.monotonic() + 10
-    while _processes_mentioning(str(tmp_path / "astra-run-")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _processes_mentioning(str(tmp_path / "astra-run-")) == []  # no worker left
-    return p.returncode
-
-
-LONG_RUN = ["--model", "tiny-bert", "--tokens", "32", "--devices", "2", "--repeats", "100000",
-            "--bandwidth", "1000", "--latency-ms", "0"]
-
-
 def test_sigterm_stops_the_workers_and_removes_the_run_folder(tmp_path):
-    code = _signal_a_run(tmp_path, ["run", "--strategy", "sp", *LONG_RUN], signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM
-    assert list(tmp_path.glob("astra-run-*")) == []  # the run's folder is gone
+    r = signal_a_run(LONG_RUN, signal.SIGTERM, str(tmp_path))
+    assert r["code"] == 128 + signal.SIGTERM
+    assert r["workers"] == [] and r["folders"] == []  # no worker, the run's folder is gone
 
 
 def test_workers_die_with_a_killed_parent(tmp_path):
     # SIGKILL leaves the parent no time to clean up: the kernel ends the workers
     # (parent-death signal); only the run's folder in TMPDIR remains
-    code = _signal_a_run(tmp_path, ["run", "--strategy", "sp", *LONG_RUN], signal.SIGKILL)
-    assert code == -signal.SIGKILL
+    r = signal_a_run(LONG_RUN, signal.SIGKILL, str(tmp_path))
+    assert r["code"] == -signal.SIGKILL and r["workers"] == []
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(netns_supported() is not None, reason=str(netns_supported()))
 def test_sigterm_removes_the_namespaces_of_a_netns_run(tmp_path):
     before = _astra_namespaces()
-    code = _signal_a_run(tmp_path, ["bench", "e2e", "--link", "netns", "--strategies", "sp",
-                                    *LONG_RUN], signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM
+    run = LONG_RUN[1:]  # without "run"; bench e2e takes --strategies, not --strategy
+    i = run.index("--strategy")
+    argv = ["bench", "e2e", "--link", "netns", "--strategies", "sp", *run[:i], *run[i + 2:]]
+    r = signal_a_run(argv, signal.SIGTERM, str(tmp_path))
+    assert r["code"] == 128 + signal.SIGTERM
+    assert r["workers"] == [] and r["folders"] == []
     assert _astra_namespaces() == before
-    assert list(tmp_path.glob("astra-run-*")) == []
 
 
 # ------------------------------------------------------------ parsing imports no torch

@@ -154,30 +154,49 @@ def _launch_fault(fault: str, world: int, timeout_s: float) -> Dict:
                 seconds=dt, message=msg, leftovers=len(left))
 
 
-def _signal_fault(sig: int) -> Dict:
-    tmp = tempfile.mkdtemp(prefix="astra-faults-")
-    p = subprocess.Popen([sys.executable, "-m", "astra.cli", "run", "--model", "tiny-bert",
-                          "--tokens", "32", "--devices", "2", "--strategy", "sp",
-                          "--repeats", "100000", "--bandwidth", "1000", "--latency-ms", "0"],
+LONG_RUN = ["run", "--model", "tiny-bert", "--tokens", "32", "--devices", "2", "--strategy",
+            "sp", "--repeats", "100000", "--bandwidth", "1000", "--latency-ms", "0"]
+
+
+def signal_a_run(argv: Sequence[str], sig: int, tmp: str, world: int = 2) -> Dict:
+    """Start ``astra argv`` (a long run, ``TMPDIR=tmp``), wait until its ``world``
+    workers run, send ``sig`` to it. Returns its exit ``code``, the ``seconds`` from
+    the signal until every worker was gone (at most 30 s more), and what was left:
+    ``workers`` (pids) and ``folders`` (run folders under ``tmp``)."""
+    p = subprocess.Popen([sys.executable, "-m", "astra.cli", *argv],
                          env=dict(os.environ, TMPDIR=tmp), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while len(_workers(tmp)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)
-    t0 = time.monotonic()
-    p.send_signal(sig)
-    p.wait(timeout=60)
+    try:
+        deadline = time.monotonic() + 180
+        while len(_workers(tmp)) < world and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        if len(_workers(tmp)) < world:
+            raise RuntimeError(f"`astra {' '.join(argv)}` did not start {world} workers: "
+                               f"{p.stderr.read() if p.poll() is not None else 'timeout'}")
+        time.sleep(2)  # the ranks are inside their jobs
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     while _workers(tmp) and time.monotonic() - t0 < 30:
         time.sleep(0.05)
-    dt = time.monotonic() - t0
-    left_procs = _workers(tmp)
-    left_dirs = list(Path(tmp).glob("astra-run-*"))
-    shutil.rmtree(tmp, ignore_errors=True)  # SIGKILL leaves the run's folder behind
+    return dict(code=p.returncode, seconds=time.monotonic() - t0, workers=_workers(tmp),
+                folders=[str(d) for d in Path(tmp).glob("astra-run-*")])
+
+
+def _signal_fault(sig: int) -> Dict:
+    tmp = tempfile.mkdtemp(prefix="astra-faults-")
+    try:
+        r = signal_a_run(LONG_RUN, sig, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # SIGKILL leaves the run's folder behind
     name = signal.Signals(sig).name
-    return dict(fault=f"{name} to `astra run` (N=2)", seconds=dt,
-                message=f"exit {p.returncode}", leftovers=len(left_procs) + len(left_dirs),
-                left_detail=f"{len(left_procs)} workers, {len(left_dirs)} run folders")
+    return dict(fault=f"{name} to `astra run` (N=2)", seconds=r["seconds"],
+                message=f"exit {r['code']}", leftovers=len(r["workers"]) + len(r["folders"]),
+                left_detail=f"{len(r['workers'])} workers, {len(r['folders'])} run folders")
 
 
 def fault_table(quiet: bool = False) -> List[Dict]:

@@ -62,6 +62,7 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
             pickle.dump(dict(model=model, jobs=jobs, threads=threads, device=device), f)
         port = _free_port()
         procs, logs = [], []
+        progress = [os.path.join(tmp, f"rank{r}.progress") for r in range(world)]
         src = str(Path(__file__).resolve().parents[2])
         try:
             for r in range(world):
@@ -70,7 +71,7 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
                            OMP_NUM_THREADS=str(threads),
                            ASTRA_CPU_LOCK=os.path.join(tmp, "cpu.lock"),
                            ASTRA_STREAM=os.path.join(tmp, "stream.txt") if stream else "",
-                           ASTRA_PROGRESS=os.path.join(tmp, f"rank{r}.progress"),
+                           ASTRA_PROGRESS=progress[r],
                            ASTRA_PARENT_PID=str(os.getpid()),
                            PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
                 cmd = [sys.executable, "-m", "astra.parallel.worker", jobfile, tmp]
@@ -83,7 +84,6 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
                 logs.append(log)
                 procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))
-            progress = [os.path.join(tmp, f"rank{r}.progress") for r in range(world)]
             _watch(procs, logs, budget, _Tail(os.path.join(tmp, "stream.txt"), stream),
                    progress, max(j.timeout_s for j in jobs))
         finally:
