@@ -39,5 +39,5 @@ def test_nll_needs_a_causal_lm():
 @pytest.mark.slow
 def test_fault_rows_time_the_fault_and_leave_nothing():
     row = reliability._launch_fault("die:1", 2, 5.0)
-    assert row["message"].startswith("rank 1 failed (exit 3)")
+    assert row["message"].startswith("rank 1 dropped out (exit 3: died without an error)")
     assert row["leftovers"] == 0 and 0 <= row["seconds"] < 60

@@ -163,8 +163,21 @@ def _fault(fault, timeout=3.0, world=2):
 
 
 def test_dead_rank_fails_the_run_clearly():
-    msg = _fault("die:1")
-    assert "rank 1 failed" in msg and "exit 3" in msg
+    with pytest.raises(RunnerError) as ei:
+        launch(ModelSpec(factories.tiny_bert), [Job("sp", _inputs(12), fault="die:1",
+                                                     timeout_s=3.0)], 2, startup_timeout_s=60)
+    msg = str(ei.value)
+    assert msg.startswith("rank 1 dropped out (exit 3: died without an error)"), msg
+    assert ei.value.lost == [1]  # a drop-out: a re-plan can do without rank 1
+
+
+def test_a_rank_with_an_error_of_its_own_is_not_a_drop_out():
+    # rank 1 sends a corrupted frame: rank 0 fails with a Python error naming it; that is
+    # not a device dropping out (a re-plan would meet the same error), so nothing is lost
+    with pytest.raises(RunnerError) as ei:
+        launch(ModelSpec(factories.tiny_bert), [Job("sp", _inputs(12), fault="corrupt:1",
+                                                     timeout_s=3.0)], 2, startup_timeout_s=60)
+    assert ei.value.lost == []
 
 
 def test_hanging_rank_times_out_clearly_and_is_the_one_blamed():

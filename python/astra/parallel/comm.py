@@ -88,12 +88,35 @@ def read_progress(path: str):
 
 
 class WallClock:
-    """``time.monotonic`` (system-wide on Linux, so stamps compare across local ranks)."""
+    """``time.monotonic`` (system-wide on Linux, so stamps compare across local ranks).
+
+    ``speed < 1`` emulates a slower device: :meth:`tick` (called by the communicator
+    before every stamp and wait) sleeps ``1/speed - 1`` times the CPU time this thread
+    spent since the last tick, so compute takes ``1/speed`` as long in wall-clock time."""
 
     virtual = False
 
+    def __init__(self, speed: float = 1.0):
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
+        self.speed = speed
+        self._mark = time.thread_time()
+
     def now(self) -> float:
         return time.monotonic()
+
+    def tick(self) -> None:
+        if self.speed == 1.0:
+            return
+        c = time.thread_time()
+        pad = (c - self._mark) * (1.0 / self.speed - 1.0)
+        if pad > 0:
+            time.sleep(pad)
+        self._mark = time.thread_time()
+
+    def discount(self, cpu_s: float) -> None:
+        """CPU time spent blocked on a transfer is not compute: not padded."""
+        self._mark += cpu_s
 
     def wait_until(self, t: float) -> float:
         d = t - time.monotonic()
@@ -115,7 +138,10 @@ class VirtualClock:
 
     virtual = True
 
-    def __init__(self, lock_path: Optional[str] = None):
+    def __init__(self, lock_path: Optional[str] = None, speed: float = 1.0):
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
+        self.speed = speed  # a device of speed s: its CPU time counts 1/s
         self.offset = 0.0
         self._fd = None
         if lock_path:
@@ -138,7 +164,14 @@ class VirtualClock:
             self._fd = None
 
     def now(self) -> float:
-        return self.offset + (time.thread_time() - self.t0)
+        return self.offset + (time.thread_time() - self.t0) / self.speed
+
+    def tick(self) -> None:
+        pass
+
+    def discount(self, cpu_s: float) -> None:
+        """CPU time spent blocked on a transfer is not compute: taken off the clock."""
+        self.offset -= cpu_s / self.speed
 
     def wait_until(self, t: float) -> float:
         d = t - self.now()
@@ -156,6 +189,7 @@ class CollectiveStat:
     link_s: float      # modelled duration of the collective (0 without emulation)
     wait_s: float      # time this rank waited on the link after the real transfer
     blocked_cpu_s: float = 0.0  # CPU time spent blocked on the real transfer
+    link_mbps: Optional[float] = None  # the bandwidth its transfer time says (emulated link)
 
 
 @dataclass
@@ -218,6 +252,7 @@ class DistCommunicator:
     progress: Optional[str] = None  # file: the collective this rank last entered
     codes_received: int = 0  # remote token codes received (every layer, every pass)
     codes_lost: int = 0      # ... of which lost on the link (-1: masked by the attention)
+    trace_base: float = 0.0  # clock stamp + trace_base = seconds since the run started
     _seq: int = 0
     _entered: int = 0
 
@@ -336,6 +371,14 @@ class DistCommunicator:
         self._post(what, None, "fp32", 0, {0: x}, {}, None, plan).wait()
         return None
 
+    def agree(self, value: float) -> List[float]:
+        """Every rank's ``value`` (an all-gather outside the link model: a few bytes the
+        ranks exchange to take the same decision)."""
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        out = [torch.zeros(1, dtype=torch.float64) for _ in range(self.world_size)]
+        self._guard(lambda: dist.all_gather(out, t, async_op=True), "agree")
+        return [float(o) for o in out]
+
     def _gather_sizes(self, T: int) -> List[int]:
         # token counts are part of the set-up for exchanges; for gathers the caller's
         # T may differ per rank (the class copy), so agree on them out of band.
@@ -352,6 +395,7 @@ class DistCommunicator:
 
     def _guard(self, start, what):
         self._enter(what)
+        self.clock.tick()
         virtual = getattr(self.clock, "virtual", False)
         if virtual:
             self.clock.release()
@@ -366,7 +410,7 @@ class DistCommunicator:
         finally:
             if virtual:
                 self.clock.acquire()
-                self.clock.offset -= time.thread_time() - c0
+            self.clock.discount(time.thread_time() - c0)
 
     # ------------------------------------------------------------------ transport
     def _post(self, what, local, kind, bits, sends, expect, sizes, plan,
@@ -374,6 +418,7 @@ class DistCommunicator:
         seq = self._seq
         self._seq += 1
         self._enter(what)
+        self.clock.tick()  # a slowed wall clock pads the compute before the stamp
         t_start = self.clock.now()
         tag = seq % (1 << 20)
         works, sent = [], 0
@@ -399,6 +444,7 @@ class DistCommunicator:
         return _Handle(self, seq, what, works, recv_bufs, expect, plan, t_start, sent)
 
     def _finish(self, h: _Handle) -> List[Tensor]:
+        self.clock.tick()  # the local work done while the bytes travelled
         virtual = getattr(self.clock, "virtual", False)
         if virtual:
             self.clock.release()
@@ -416,9 +462,9 @@ class DistCommunicator:
         blocked_cpu = time.thread_time() - c0
         if virtual:
             self.clock.acquire()
-            # CPU burnt while blocked on the real transfer is not compute: the link
-            # model accounts for the transfer
-            self.clock.offset -= blocked_cpu
+        # CPU burnt while blocked on the real transfer is not compute: the link model
+        # accounts for the transfer
+        self.clock.discount(blocked_cpu)
         out: List[Optional[Tensor]] = [None] * self.world_size
         starts = [h.t_start]
         recv = resend_rounds = resend_bytes = 0
@@ -436,17 +482,23 @@ class DistCommunicator:
                     self.codes_lost += int((t[..., 0] < 0).sum())
             out[s] = t.to(self.device)
         link_s = wait_s = 0.0
+        mbps = None
         if self.link is not None and self.link_mode != "none" and h.recv_bufs:
             if self.link_mode == "model":
-                link_s = self._duration(h.seq, h.plan)
+                at = max(starts) + self.trace_base  # a bandwidth trace's time
+                link_s = self._duration(h.seq, h.plan, at)
+                if link_s > 0:  # what the transfer time says of the bandwidth
+                    ser = self.link.serialization_s(h.plan, at)
+                    mbps = self.link.bandwidth_at(at) if ser > 0 else None
                 if resend_rounds:  # NACK and resend: a latency and the bytes per round
                     link_s += resend_rounds * self._latency(h.seq) + \
-                        self.link.serialization_s([(1, 0, resend_bytes)])
+                        self.link.serialization_s([(1, 0, resend_bytes)], at)
                 wait_s = self.clock.wait_until(max(starts) + link_s)
             else:  # real shaped link: only the one-way latency is added here
                 link_s = (1 + resend_rounds) * self._latency(h.seq)
                 wait_s = self.clock.wait_until(self.clock.now() + link_s)
-        self.stats.append(CollectiveStat(h.seq, h.what, h.sent, recv, link_s, wait_s, blocked_cpu))
+        self.stats.append(CollectiveStat(h.seq, h.what, h.sent, recv, link_s, wait_s, blocked_cpu,
+                                         mbps))
         if h.own is not None:
             out[self.rank] = h.own
         for s in range(self.world_size):
@@ -462,10 +514,10 @@ class DistCommunicator:
              if lk.jitter_ms else 0.0)
         return (lk.latency_ms + j) * 1e-3
 
-    def _duration(self, seq: int, plan) -> float:
+    def _duration(self, seq: int, plan, at: Optional[float] = None) -> float:
         if not any(n > 0 and s != d for s, d, n in plan):
             return 0.0
-        return self._latency(seq) + self.link.serialization_s(plan)
+        return self._latency(seq) + self.link.serialization_s(plan, at)
 
     def _drop(self, codes: Tensor, seq: int, src: int, fr: wire.Frame):
         """``(codes with lost tokens -1, resend rounds used, bytes resent)``."""

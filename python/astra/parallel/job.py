@@ -17,7 +17,15 @@ __all__ = ["Job", "RunnerError", "STRATEGIES", "default_chunks", "chunk_cost", "
 
 
 class RunnerError(RuntimeError):
-    """A rank failed, hung or the run did not finish; the message names the rank."""
+    """A rank failed, hung or the run did not finish; the message names the rank.
+
+    ``lost``: the ranks that dropped out (died without a Python error, were killed, or
+    stopped answering), which a re-plan can do without; empty when a rank failed with
+    an error of its own (a bug or bad input: every rank would fail the same way)."""
+
+    def __init__(self, message: str, lost=()):
+        super().__init__(message)
+        self.lost = list(lost)
 
 
 @dataclass
@@ -37,6 +45,10 @@ class Job:
     ``none``). ``clock``: ``wall`` or ``virtual`` (each rank's CPU time on one timeline).
     ``fault`` is a test hook (:data:`astra.parallel.worker.FAULTS`): ``"die:<rank>"``,
     ``"hang:<rank>"``, ``"corrupt:<rank>"``, ``"truncate:<rank>"``.
+    ``watch_link > 0``: after each timed pass the ranks compare the bandwidth the link's
+    transfer times say with ``link.bandwidth_mbps`` and stop early when it differs by
+    more than that fraction (the result then says where: ``link_changed``), so that the
+    requests left can be re-planned.
     ``max_new_tokens > 0`` (causal LMs; ``single``, ``sp``, ``astra``): a generation
     job (:mod:`astra.parallel.generate`): the ranks prefill ``inputs`` but its last
     token, then the rank holding the last chunk generates with HF ``generate``
@@ -61,6 +73,7 @@ class Job:
     name: str = ""
     max_new_tokens: int = 0
     generation: Optional[Dict[str, Any]] = None
+    watch_link: float = 0.0
 
 
 def default_chunks(n_content: int, world: int, attn_per_key: float = 0.0) -> List[int]:

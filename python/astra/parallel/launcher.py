@@ -36,8 +36,8 @@ def _free_port() -> int:
 
 def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
            netns=None, startup_timeout_s: float = 120.0,
-           device: str = "cpu", stream: Optional[Callable[[List[int]], None]] = None
-           ) -> List[List[Dict[str, Any]]]:
+           device: str = "cpu", stream: Optional[Callable[[List[int]], None]] = None,
+           speeds: Optional[Sequence[float]] = None) -> List[List[Dict[str, Any]]]:
     """Run ``jobs`` on ``world`` fresh worker processes; returns ``results[job][rank]``.
 
     ``model``: a :class:`~astra.catalog.ModelSpec` every rank builds.
@@ -49,17 +49,23 @@ def launch(model, jobs: Sequence[Job], world: int, *, threads: int = 1,
     ``netns``: a :class:`~astra.parallel.netns.NetnsLab` (entered) to start rank r in
     its namespace; rank 0's lab address is the rendezvous.
 
+    ``speeds``: per rank, an emulated speed (``0.5``: compute takes twice as long: the
+    virtual clock scales the rank's CPU time, the wall clock sleeps the difference).
+
     ``stream``: called in this process with the ids a generation job's decoding rank
     has generated since the last call (``[]`` once at the end of each pass), while the
     ranks run.
     """
     jobs = list(jobs)
     check_device(device, [j.clock for j in jobs])
+    if speeds is not None and (len(speeds) != world or min(speeds) <= 0):
+        raise ValueError(f"speeds {list(speeds)} must be {world} positive numbers")
     budget = startup_timeout_s + sum((j.warmup + j.repeats + 1) * j.timeout_s for j in jobs)
     with tempfile.TemporaryDirectory(prefix="astra-run-") as tmp:
         jobfile = os.path.join(tmp, "jobs.pkl")
         with open(jobfile, "wb") as f:
-            pickle.dump(dict(model=model, jobs=jobs, threads=threads, device=device), f)
+            pickle.dump(dict(model=model, jobs=jobs, threads=threads, device=device,
+                             speeds=None if speeds is None else list(speeds)), f)
         port = _free_port()
         procs, logs = [], []
         progress = [os.path.join(tmp, f"rank{r}.progress") for r in range(world)]
@@ -103,10 +109,15 @@ _PASS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_
          "PYTHONPATH", "GLOO_SOCKET_IFNAME", "HF_HUB_OFFLINE", "ASTRA_CACHE", "PATH", "HOME")
 
 
-def _tail(log, n=3000) -> str:
+def _raised(log) -> bool:
+    """The rank's log holds a Python traceback (it failed with an error of its own)."""
+    return "Traceback (most recent call last)" in _tail(log, None)
+
+
+def _tail(log, n: Optional[int] = 3000) -> str:
     log.flush()
     log.seek(0)
-    return log.read()[-n:]
+    return log.read()[-n:] if n else log.read()
 
 
 class _Tail:
@@ -148,17 +159,24 @@ def _watch(procs, logs, budget: float, tail: Optional[_Tail] = None,
             codes = [p.poll() for p in procs]
             silent = _silent(codes, progress, timeout_s) if progress else None
             if silent is not None:
-                raise RunnerError(silent + _logs(procs, logs, codes, []))
+                raise RunnerError(silent[0] + _logs(procs, logs, codes, []), lost=silent[1])
             # the first to fail is the root cause when it died; when it merely reports a
             # peer's failure, prefer a rank that died without a Python traceback
             r = bad[0]
             for q in bad:
-                if "Traceback" not in _tail(logs[q]):
+                if not _raised(logs[q]):
                     r = q
-            last = [ln for ln in _tail(logs[r], 600).splitlines() if ln.strip()]
-            why = f": {last[-1].strip()[:200]}" if last else ""
-            raise RunnerError(f"rank {r} failed (exit {codes[r]}){why}; the run was stopped.\n"
-                              + _logs(procs, logs, codes, [r]))
+            dropped = not _raised(logs[r])  # died or killed, not an error of its own
+            if dropped:
+                why = (f"killed by {signal.Signals(-codes[r]).name}" if codes[r] < 0
+                       else "died without an error")
+                head = f"rank {r} dropped out (exit {codes[r]}: {why})"
+            else:
+                last = [ln for ln in _tail(logs[r], 600).splitlines() if ln.strip()]
+                why = f": {last[-1].strip()[:200]}" if last else ""
+                head = f"rank {r} failed (exit {codes[r]}){why}"
+            raise RunnerError(f"{head}; the run was stopped.\n"
+                              + _logs(procs, logs, codes, [r]), lost=[r] if dropped else [])
         if all(c == 0 for c in codes):
             if tail is not None:
                 tail.poll()  # what was written after the last poll
@@ -173,10 +191,11 @@ def _logs(procs, logs, codes, also) -> str:
                      for q in range(len(procs)) if codes[q] not in (None, 0) or q in also)
 
 
-def _silent(codes, progress, timeout_s: float) -> Optional[str]:
+def _silent(codes, progress, timeout_s: float) -> Optional[tuple]:
     """When ranks failed because a peer stopped answering (``EXIT_PEER_TIMEOUT``), the
-    message naming that peer: a rank that never entered the collective they waited in
-    (from the progress files), else one still running; None when no rank timed out."""
+    message naming that peer and the blamed ranks: a rank that never entered the
+    collective they waited in (from the progress files), else one still running; None
+    when no rank timed out."""
     waited = [r for r, c in enumerate(codes) if c == EXIT_PEER_TIMEOUT]
     if not waited:
         return None
@@ -195,4 +214,4 @@ def _silent(codes, progress, timeout_s: float) -> Optional[str]:
     waiters = ", ".join(map(str, waited))
     return (f"{who} stopped answering: rank{'s' if len(waited) > 1 else ''} {waiters} waited "
             f"{timeout_s:g} s (the timeout; --timeout sets it) in {where}; the run was "
-            "stopped.\n")
+            "stopped.\n", blamed)

@@ -14,7 +14,9 @@ one payload) is lost. Loss is applied by the runner to the payload it received: 
 whose bytes lie in a lost packet become missing codes (-1). ``resend`` rounds model a
 receiver that asks for its lost packets again (a NACK per layer): each round costs one
 more latency plus the resent bytes, and a packet lost in every round stays lost
-(probability ``loss ** (1 + resend)``).
+(probability ``loss ** (1 + resend)``). ``trace``: a link whose bandwidth changes
+during the run, ``((t, mbps), ...)``: from ``t`` seconds after the run started on, the
+bandwidth is ``mbps`` (before the first entry: ``bandwidth_mbps``).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class LinkModel:
     mtu: int = 1500
     seed: int = 0
     resend: int = 0
+    trace: Optional[Tuple[Tuple[float, float], ...]] = None
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -50,10 +53,36 @@ class LinkModel:
             raise ValueError(f"loss must be in [0, 1), got {self.loss}")
         if not isinstance(self.resend, int) or self.resend < 0:
             raise ValueError(f"resend must be an int >= 0, got {self.resend!r}")
+        if self.trace is not None:
+            self.trace = tuple((float(t), float(b)) for t, b in self.trace)
+            if any(t < 0 or not b > 0 for t, b in self.trace) or \
+                    [t for t, _ in self.trace] != sorted(t for t, _ in self.trace):
+                raise ValueError(f"a bandwidth trace is (seconds >= 0, Mbit/s > 0) pairs in "
+                                 f"time order, got {self.trace}")
         self._rng = random.Random(self.seed)
 
-    def serialization_s(self, plan: Iterable[Transfer]) -> float:
-        """Seconds the bytes of ``plan`` occupy the medium (no latency)."""
+    def bandwidth_at(self, t: Optional[float] = None) -> float:
+        """Mbit/s at ``t`` seconds after the run started (the trace's; without a trace or
+        a time, ``bandwidth_mbps``)."""
+        bw = self.bandwidth_mbps
+        if self.trace and t is not None:
+            for t_i, b in self.trace:
+                if t >= t_i:
+                    bw = b
+        return bw
+
+    def shifted(self, seconds: float) -> "LinkModel":
+        """The same link ``seconds`` later (a later run continues the trace)."""
+        if not self.trace or seconds <= 0:
+            return self
+        bw = self.bandwidth_at(seconds)
+        trace = tuple((t - seconds, b) for t, b in self.trace if t > seconds)
+        return LinkModel(bw, self.latency_ms, self.medium, self.jitter_ms, self.loss, self.mtu,
+                         self.seed, self.resend, trace or None)
+
+    def serialization_s(self, plan: Iterable[Transfer], at: Optional[float] = None) -> float:
+        """Seconds the bytes of ``plan`` occupy the medium (no latency), at ``at`` seconds
+        after the run started (for a trace)."""
         plan = [t for t in plan if t[2] > 0 and t[0] != t[1]]
         if not plan:
             return 0.0
@@ -65,18 +94,18 @@ class LinkModel:
                 up[s] = up.get(s, 0) + n
                 down[d] = down.get(d, 0) + n
             busiest = max(max(up.values()), max(down.values()))
-        return 8.0 * busiest / (self.bandwidth_mbps * 1e6)
+        return 8.0 * busiest / (self.bandwidth_at(at) * 1e6)
 
     def latency_s(self) -> float:
         """One-way latency of one transfer, with jitter drawn from the model's RNG."""
         jitter = self._rng.uniform(0.0, self.jitter_ms) if self.jitter_ms else 0.0
         return (self.latency_ms + jitter) * 1e-3
 
-    def duration_s(self, plan: Sequence[Transfer]) -> float:
+    def duration_s(self, plan: Sequence[Transfer], at: Optional[float] = None) -> float:
         """Seconds from the start of ``plan`` until its last byte has arrived."""
         if not any(n > 0 and s != d for s, d, n in plan):
             return 0.0
-        return self.latency_s() + self.serialization_s(plan)
+        return self.latency_s() + self.serialization_s(plan, at)
 
     def lost_packets(self, nbytes: int) -> List[Tuple[int, int]]:
         """Byte ranges ``[start, end)`` of a payload of ``nbytes`` lost on the way."""

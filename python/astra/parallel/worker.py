@@ -176,10 +176,18 @@ def _tamper(kind: str):
     return fn
 
 
-def _die(forward):
+def _die(forward, after_s: float = 0.0):
     def fn(r):
-        _fired()
-        os._exit(3)
+        if not after_s:
+            _fired()
+            os._exit(3)
+        import threading
+
+        def later():
+            _fired()
+            os._exit(3)
+        threading.Timer(after_s, later).start()  # mid-forward, wherever the rank is then
+        return forward(r)
     return fn
 
 
@@ -191,7 +199,8 @@ def _hang(forward):
 
 
 # ``Job.fault = "<kind>:<rank>"``: frame faults tamper with what the rank sends; process
-# faults replace the rank's forward pass.
+# faults replace the rank's forward pass (``die:<rank>@<seconds>``: it dies that long
+# into its first pass).
 FAULTS = {"corrupt": "frame", "truncate": "frame", "die": _die, "hang": _hang}
 
 
@@ -200,14 +209,20 @@ def _inject(job: Job, rank: int, comm, forward):
     if not job.fault:
         return forward
     kind, _, who = job.fault.partition(":")
-    if kind not in FAULTS or not who.isdigit():
-        raise ValueError(f"fault must be one of {sorted(FAULTS)}:<rank>, got {job.fault!r}")
+    who, _, after = who.partition("@")
+    try:
+        after_s = float(after) if after and kind == "die" else 0.0
+    except ValueError:
+        after_s = -1.0
+    if kind not in FAULTS or not who.isdigit() or after_s < 0 or (after and kind != "die"):
+        raise ValueError(f"fault must be one of {sorted(FAULTS)}:<rank> (die:<rank>@<seconds> "
+                         f"too), got {job.fault!r}")
     if int(who) != rank:
         return forward
     if FAULTS[kind] == "frame":
         comm.tamper = _tamper(kind)
         return forward
-    return FAULTS[kind](forward)
+    return FAULTS[kind](forward, after_s) if kind == "die" else FAULTS[kind](forward)
 
 
 # ----------------------------------------------------------------------- one job
@@ -256,33 +271,62 @@ def _prepare(job: Job, model, rank: int, world: int, device: torch.device):
     return run, cbs, wb, chunks
 
 
-def _time(job: Job, comm, forward, sync):
-    """``warmup + repeats`` passes; per timed pass its time, bytes sent and link waits."""
+def _time(job: Job, comm, forward, sync, speed: float = 1.0):
+    """``warmup + repeats`` passes; per timed pass its time, bytes sent and link waits.
+    ``speed`` (< 1: an emulated slower device) scales this rank's compute time."""
     from .comm import VirtualClock, WallClock
     times, sent, waits, out = [], [], [], None
+    elapsed, changed = 0.0, None
     for it in range(job.warmup + job.repeats):
         comm.clock = WallClock()
         comm.barrier()
-        comm.clock = (VirtualClock(os.environ.get("ASTRA_CPU_LOCK"))
-                      if job.clock == "virtual" else WallClock())
+        comm.clock = (VirtualClock(os.environ.get("ASTRA_CPU_LOCK"), speed)
+                      if job.clock == "virtual" else WallClock(speed))
         comm.reset_stats()
         sync()
         t0 = comm.clock.now()
+        comm.trace_base = elapsed - t0  # a bandwidth trace runs from the first pass on
         out = forward()
         sync()
+        comm.clock.tick()
         t = comm.clock.now() - t0
+        elapsed += t
         if job.clock == "virtual":
             comm.clock.close()
         if it >= job.warmup:
             times.append(t)
             sent.append(comm.bytes_sent())
             waits.append(sum(s.wait_s for s in comm.stats))
-    return times, sent, waits, out
+            if job.watch_link > 0 and job.link is not None:
+                changed = _link_changed(job, comm, len(times), elapsed)
+                if changed:
+                    break
+    return times, sent, waits, out, dict(elapsed_s=elapsed, link_changed=changed)
+
+
+def _link_changed(job: Job, comm, requests: int, elapsed: float):
+    """After a timed pass: the bandwidth this pass's transfers took (median over the
+    collectives that waited on the link, agreed by every rank); a dict when it differs
+    from the job's link by more than ``job.watch_link``, else None. Every rank takes the
+    same decision from the same gathered numbers."""
+    import statistics
+    seen = [s.link_mbps for s in comm.stats if s.link_mbps]
+    mine = statistics.median(seen) if seen else 0.0
+    got = [v for v in comm.agree(mine) if v > 0]
+    if not got:
+        return None
+    observed = statistics.median(got)
+    planned = job.link.bandwidth_mbps
+    if abs(observed / planned - 1) <= job.watch_link:
+        return None
+    return dict(after_request=requests, observed_mbps=observed, planned_mbps=planned,
+                elapsed_s=elapsed)
 
 
 def run_job(job: Job, model, rank: int, world: int,
-            device: torch.device = torch.device("cpu")) -> Dict[str, Any]:
-    """Run ``job`` on this rank (the process group is up); its result record."""
+            device: torch.device = torch.device("cpu"), speed: float = 1.0) -> Dict[str, Any]:
+    """Run ``job`` on this rank (the process group is up); its result record. ``speed``:
+    this rank's emulated speed (1: as fast as it is)."""
     import astra
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     job = dataclasses.replace(job, inputs=job.inputs.to(device))
@@ -296,7 +340,8 @@ def run_job(job: Job, model, rank: int, world: int,
     patched = strategy.setup(run, cbs)
     try:
         with torch.no_grad():
-            times, sent, waits, out = _time(job, run.comm, lambda: forward(run), sync)
+            times, sent, waits, out, seen = _time(job, run.comm, lambda: forward(run), sync,
+                                                  speed)
         stats = [dict(what=s.what, sent=s.bytes_sent, recv=s.bytes_recv, link_s=s.link_s,
                       wait_s=s.wait_s, blocked_cpu_s=s.blocked_cpu_s) for s in run.comm.stats]
     finally:
@@ -307,6 +352,7 @@ def run_job(job: Job, model, rank: int, world: int,
                 output=out.cpu() if rank == 0 and torch.is_tensor(out) else None,
                 generation=out if isinstance(out, dict) else None,
                 codes_received=run.comm.codes_received, codes_lost=run.comm.codes_lost,
+                elapsed_s=seen["elapsed_s"], link_changed=seen["link_changed"],
                 bits=wb["bits"], G=wb["G"], K=wb["K"], stage_bits=wb["stage_bits"],
                 bits_per_token=(None if cbs is None else
                                 [cbs.layer_bits(i) for i in range(cbs.num_layers)]))
@@ -338,7 +384,10 @@ def run_jobs(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     """This rank (``RANK``, ``WORLD_SIZE``, ``MASTER_*`` in the environment) joins the
     gloo process group, builds ``spec["model"]`` and runs ``spec["jobs"]``, after
     the handshake (:mod:`astra.parallel.handshake`). ``spec["share_codebooks"]``: the
-    jobs' codebooks are rank 0's, broadcast once (the other ranks pass None)."""
+    jobs' codebooks are rank 0's, broadcast once (the other ranks pass None).
+    ``spec["speeds"]``: each rank's emulated speed (``--device-speeds``);
+    ``spec["measure_speeds"]`` (torchrun ``--strategy auto``): every job's chunks sized to
+    the speeds the ranks measure (:func:`_chunks_by_measured_speed`)."""
     import faulthandler
 
     import torch.distributed as dist
@@ -357,6 +406,9 @@ def run_jobs(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
         astra_kernels.set_code_checks(False)  # codes come from our own encoder / decoder
         model = spec["model"].build().to(device)
         jobs = [dataclasses.replace(j, inputs=j.inputs.to(device)) for j in spec["jobs"]]
+        speeds = None
+        if spec.get("measure_speeds"):
+            jobs, speeds = _chunks_by_measured_speed(model, jobs, world)
         share = bool(spec.get("share_codebooks"))
         # every rank proves it runs the same thing before a byte of codes is decoded
         # (codebooks that rank 0 sends afterwards are equal by construction)
@@ -365,16 +417,38 @@ def run_jobs(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
         shared = 0
         if share:
             jobs, shared = _codebooks_from_rank0(jobs, rank)
-        out = [run_job(j, model, rank, world, device) for j in jobs]
+        speed = float((spec.get("speeds") or [1.0] * world)[rank])
+        out = [run_job(j, model, rank, world, device, speed) for j in jobs]
         for r in out:
             r["handshake"] = cost
             r["shared_codebooks_bytes"] = shared
+            r["measured_speeds"] = speeds
         return out
     finally:
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - peers may be gone already
             pass
+
+
+def _chunks_by_measured_speed(model, jobs: List[Job], world: int):
+    """Every rank probes its own speed (:func:`astra.parallel.probe.measure`: one block
+    on a few shapes, seconds), the ranks share what they measured, and each job gets the
+    chunks :func:`astra.parallel.planner.balanced_chunks` sizes for those speeds: every
+    rank computes the same split from the same numbers. Returns ``(jobs, speeds)``
+    (speeds relative to the fastest rank)."""
+    import torch.distributed as dist
+
+    from . import planner, probe
+    from .costmodel import ComputeCost, predict_single
+    got: List[Any] = [None] * world
+    dist.all_gather_object(got, probe.measure(model, jobs[0].inputs, None).as_dict())
+    costs = [ComputeCost.from_dict(c) for c in got]
+    t = [predict_single(c) for c in costs]
+    speeds = [min(t) / x for x in t]
+    return [dataclasses.replace(j, chunks=planner.balanced_chunks(
+        costs[0], job_chunks(dataclasses.replace(j, chunks=None), model, world)[0], speeds))
+        for j in jobs], speeds
 
 
 def die_with_parent() -> None:
