@@ -113,6 +113,18 @@ def test_torchrun_ranks_that_disagree_stop_at_once_naming_the_fields(tmp_path):
     assert "median" in ok[0][1] and "B sent by rank 0" in ok[0][1]
 
 
+@pytest.mark.slow
+def test_torchrun_auto_sizes_the_chunks_to_the_measured_speeds():
+    res = _pair(["--tokens", "24", "--strategy", "auto"], ["--tokens", "24", "--strategy", "auto"])
+    assert [c for c, _, _ in res] == [0, 0], res[0][2] + res[1][2]
+    out = res[0][1]
+    line = next(ln for ln in out.splitlines() if ln.startswith("measured speeds"))
+    speeds = [float(v.rstrip(",")) for v in line.split(":")[0].split()[2:]]
+    chunks = [int(c) for c in line.split("chunks ")[1].split(",")]
+    assert max(speeds) == 1.0 and len(speeds) == 2 and sum(chunks) == 23  # [CLS] stays
+    assert "median" in out
+
+
 def _namespaces():
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return {ln.split()[0] for ln in out.splitlines() if ln.startswith("astra")}

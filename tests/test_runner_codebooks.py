@@ -199,7 +199,7 @@ def test_checkpoint_gives_its_weights_to_every_rank_and_its_codebooks(gpt2_codeb
 def test_astra_run_with_saved_residual_codebooks(gpt2_codebooks, capsys):
     _, path = gpt2_codebooks
     assert cli.main(["run", "--model", "tiny-gpt2", "--tokens", "20", "--devices", "2",
-                           "--codebooks", str(path), "--repeats", "1",
+                           "--codebooks", str(path), "--repeats", "1", "--strategy", "astra",
                            "--bandwidth", "1000", "--latency-ms", "0"]) == 0
     out = capsys.readouterr().out
     assert "tiny-gpt2 astra (codebooks residual stages" in out and "(8 bits/token)" in out

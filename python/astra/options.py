@@ -21,8 +21,10 @@ MODEL_NAMES = ("vit-base", "gpt2", "minilm", "byte-gpt2", "digits-vit", "smollm2
 STUDY_MODELS = ("digits-vit", "byte-gpt2", "minilm")
 # astra.parallel.job: what a job runs (``astra run --strategy``, ``astra bench e2e``)
 STRATEGIES = ("single", "sp", "tp", "astra", "ring")
+# ``astra run``: a strategy, or ``auto`` (astra.parallel.planner picks one)
+RUN_STRATEGIES = ("auto",) + STRATEGIES
 # astra.textgen: the strategies text generation supports (``astra generate``)
-GENERATE_STRATEGIES = ("single", "sp", "astra")
+GENERATE_STRATEGIES = ("auto", "single", "sp", "astra")
 
 # ------------------------------------------------------------------------------ calibration
 

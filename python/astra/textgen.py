@@ -65,16 +65,21 @@ def generate(model: str, ids: torch.Tensor, *, devices: int = 4, strategy: str =
              generation: Optional[Dict[str, Any]] = None, repeats: int = 1,
              on_text: Optional[Callable[[str], None]] = None, prepared=None,
              threads: int = 1, timeout_s: float = 600.0) -> Dict[str, Any]:
-    """Prefill ``ids [1, T]`` on ``devices`` ranks by ``strategy`` (``single``: one rank)
-    and generate ``max_new_tokens`` on the last; the summary row (see the module
-    docstring). ``prepared``: a :class:`astra.catalog.Prepared` to reuse; ``timeout_s``:
-    how long a rank waits for a peer (the run then stops naming the silent rank)."""
+    """Prefill ``ids [1, T]`` on ``devices`` ranks by ``strategy`` (``single``: one rank;
+    ``auto``: the planner's choice of devices and chunks, or one device, for the prefill;
+    the row then carries ``"plan"``) and generate ``max_new_tokens`` on the last; the
+    summary row (see the module docstring). ``prepared``: a
+    :class:`astra.catalog.Prepared` to reuse; ``timeout_s``: how long a rank waits for a
+    peer (the run then stops naming the silent rank)."""
     from astra import catalog
     from astra.catalog import llm
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, check_chunks, launch
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy == "auto" and chunks is not None:
+        raise ValueError("--chunks fixes the split: give it with --strategy astra (auto "
+                         "chooses the devices and chunks itself)")
     world = 1 if strategy == "single" else devices
     T = int(ids.shape[1])
     if T - 1 < world:
@@ -85,7 +90,14 @@ def generate(model: str, ids: torch.Tensor, *, devices: int = 4, strategy: str =
         raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed the model's "
                          f"{entry.max_tokens} positions")
     prep = prepared or catalog.prepare(model, min(T, entry.max_tokens or T),
-                                       with_codebooks=strategy == "astra")
+                                       with_codebooks=strategy in ("astra", "auto"))
+    plan = None
+    if strategy == "auto":
+        from astra.parallel import planner, probe
+        # the ranks prefill all but the last prompt token
+        cost = probe.compute_cost(prep.spec, ids[:, :-1], prep.codebooks, progress=True)
+        plan = planner.plan(cost, [1.0] * devices, LinkModel(bandwidth_mbps, latency_ms))
+        strategy, chunks, world = plan.strategy, plan.chunks, len(plan.devices)
     job = Job(strategy, ids, codebooks=prep.codebooks if strategy == "astra" else None,
               chunks=chunks, output="compact", link=LinkModel(bandwidth_mbps, latency_ms),
               clock=clock, repeats=repeats, warmup=0, timeout_s=timeout_s,
@@ -107,4 +119,4 @@ def generate(model: str, ids: torch.Tensor, *, devices: int = 4, strategy: str =
                 remote_kv_fp16_bytes=g["remote_kv_fp16_bytes"],
                 remote_tokens=g["remote_tokens"], devices=world, strategy=strategy,
                 chunks=res[0]["chunks"], bandwidth_mbps=bandwidth_mbps, latency_ms=latency_ms,
-                clock=clock, threads=threads)
+                clock=clock, threads=threads, plan=None if plan is None else plan.as_dict())

@@ -10,7 +10,7 @@ sequence). Models and their codebooks come from :mod:`astra.catalog`.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 
 def bound(N: int, L: int, latency_s: float, t1: float) -> float:
@@ -24,24 +24,30 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
              strategies: List[str], wires: List[str], link: str = "emulated",
              tokens: int = 256, repeats: int = 3, timeout_s: float = 300.0,
              setup_result=None, quiet: bool = False, medium: str = "shared",
-             warmup: int = 1, decode_tokens: int = 0) -> List[dict]:
+             warmup: int = 1, decode_tokens: int = 0,
+             speeds: Optional[List[float]] = None) -> List[dict]:
     """Every strategy (sp/tp/ring once per wire) at every bandwidth on ``devices`` ranks;
     the rows, printed as a table unless ``quiet``. ``setup_result``: a
     :class:`astra.catalog.Prepared` to reuse (default: :func:`astra.catalog.prepare`).
     ``decode_tokens`` (causal LMs): also generate that many tokens after the prompt by
     ``single`` and ``astra`` at the first bandwidth (rows with ``decode_tok_s``, the
-    time to first token ``ttft_ms`` and the whole request ``request_ms``)."""
+    time to first token ``ttft_ms`` and the whole request ``request_ms``).
+    ``"auto"`` among the strategies: the planner's choice at each bandwidth, run on the
+    devices it picks (rows carry ``"plan"``: strategy, devices, chunks, predicted_ms).
+    ``speeds``: each rank's emulated speed (``--device-speeds``; default all 1)."""
     from astra import catalog
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, check_chunks, launch, summarize
-    prep = setup_result or catalog.prepare(name, tokens, with_codebooks="astra" in strategies,
-                                           check=lambda n: check_chunks(None, n, devices))
+    prep = setup_result or catalog.prepare(name, tokens, with_codebooks=bool(
+        {"astra", "auto"} & set(strategies)), check=lambda n: check_chunks(None, n, devices))
     spec, inputs, cbs, L = prep.spec, prep.inputs, prep.codebooks, prep.num_layers
     clock = "virtual" if link == "virtual" else "wall"
     jobs, keys = [], []
     for bw in bandwidths:
         lk = LinkModel(bw, latency_ms, medium=medium)
         for s in strategies:
+            if s == "auto":
+                continue
             for w in (wires if s in WIRED else ["-"]):
                 if s == "single" and bw != bandwidths[0]:
                     continue
@@ -60,8 +66,9 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
                             generation=dict(do_sample=False, min_new_tokens=decode_tokens)))
             gen_keys.append((bandwidths[0], s, "decode"))
     if link == "netns":
-        if gen_keys:
-            raise ValueError("--decode runs on the emulated or virtual link")
+        if gen_keys or "auto" in strategies:
+            raise ValueError("--decode and the auto strategy run on the emulated or virtual "
+                             "link")
         from astra.parallel.netns import NetnsLab
         if len(bandwidths) != 1:
             rows = []
@@ -73,11 +80,14 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
         with NetnsLab(devices, bandwidths[0]) as lab:
             results = launch(spec, jobs, devices, netns=lab)
     else:
-        results = launch(spec, jobs, devices)
+        results = launch(spec, jobs, devices, speeds=speeds) if jobs else []
     tokens_ = int(inputs.shape[1]) if inputs.dim() == 2 else None
     rows = [table_row(name, key, summarize(res), devices, latency_ms, link, tokens=tokens_,
                       medium=medium)
             for key, res in zip(keys, results)]
+    if "auto" in strategies:
+        rows += auto_rows(prep, name, devices, bandwidths, latency_ms, link, medium, repeats,
+                          warmup, timeout_s, speeds or [1.0] * devices, tokens=tokens_)
     add_speedups(rows, devices, L, latency_ms)
     gen_rows = [decode_row(name, key, res, devices, decode_tokens)
                 for key, res in zip(gen_keys, results[len(keys):])]
@@ -90,6 +100,36 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
 
 
 WIRED = ("sp", "tp", "ring")  # the strategies whose bytes --wire sets
+
+
+def auto_rows(prep, name: str, devices: int, bandwidths: List[float], latency_ms: float,
+              link: str, medium: str, repeats: int, warmup: int, timeout_s: float,
+              speeds: List[float], **extra) -> List[dict]:
+    """``auto`` at every bandwidth: the planner's plan (from the model's measured costs,
+    :mod:`astra.parallel.probe`), run on the devices it picks; one launch per device
+    count. Rows as :func:`table_row` with ``"plan"``."""
+    from astra.parallel import planner, probe
+    from astra.parallel.links import LinkModel
+    from astra.parallel.runner import Job, launch, summarize
+    cost = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks)
+    clock = "virtual" if link == "virtual" else "wall"
+    plans = {bw: planner.plan(cost, speeds, LinkModel(bw, latency_ms, medium=medium))
+             for bw in bandwidths}
+    rows = []
+    for world in sorted({len(p.devices) for p in plans.values()}):
+        group = [(bw, p) for bw, p in plans.items() if len(p.devices) == world]
+        jobs = [Job(p.strategy, prep.inputs, codebooks=prep.codebooks, chunks=p.chunks,
+                    output="compact", link=LinkModel(bw, latency_ms, medium=medium),
+                    clock=clock, repeats=repeats, warmup=warmup, timeout_s=timeout_s)
+                for bw, p in group]
+        # all groups share the fastest devices' speeds in the plan's rank order
+        res = launch(prep.spec, jobs, world, speeds=group[0][1].speeds)
+        for (bw, p), r in zip(group, res):
+            row = table_row(name, (bw, "auto", "-"), summarize(r), world, latency_ms, link,
+                            medium=medium, **extra)
+            row["plan"] = p.as_dict()
+            rows.append(row)
+    return rows
 
 
 def hf_generate_anchor(spec, inputs, new_tokens: int) -> dict:
@@ -192,6 +232,13 @@ def print_table(rows: List[dict]) -> None:
         print(f"{r['model']:<9}{r['strategy']:<9}{r['wire']:<6}{r['devices']:>3}"
               f"{r['bandwidth_mbps']:>8g}{r['latency_ms']:>12.1f}{sp:>9}{bd:>7}"
               f"{r['bytes_per_device']:>12.0f}")
+    for r in rows:
+        if "plan" in r:
+            p = r["plan"]
+            what = ("one device" if p["strategy"] == "single" else
+                    f"astra on {len(p['devices'])} (chunks {','.join(map(str, p['chunks']))})")
+            print(f"auto at {r['bandwidth_mbps']:g} Mbit/s: {what}, predicted "
+                  f"{p['predicted_ms']:.1f} ms, measured {r['latency_ms']:.1f} ms")
     over = [r for r in rows if "speedup" in r and "bound" in r
             and r["speedup"] > r["bound"] * 1.001]
     if over:  # impossible for a real speedup: the single-device time was inflated

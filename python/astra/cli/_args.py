@@ -71,6 +71,24 @@ def csv_floats(text: str) -> List[float]:
     return [positive_float(t.strip()) for t in text.split(",")]
 
 
+def time_rates(text: str) -> List[Tuple[float, float]]:
+    """``"2:1,5:10"`` -> ``[(2.0, 1.0), (5.0, 10.0)]``: (seconds >= 0, Mbit/s > 0) pairs in
+    time order (a bandwidth trace)."""
+    out = []
+    for item in text.split(","):
+        t, sep, b = item.strip().partition(":")
+        try:
+            pair = (nonnegative_float(t), positive_float(b))
+        except argparse.ArgumentTypeError:
+            pair = None
+        if not sep or pair is None:
+            raise argparse.ArgumentTypeError(f"expected SECONDS:MBITS pairs, got {item!r}")
+        out.append(pair)
+    if [t for t, _ in out] != sorted(t for t, _ in out):
+        raise argparse.ArgumentTypeError(f"the times of {text!r} must not decrease")
+    return out
+
+
 def csv_choices(*choices: str):
     """A comma-separated subset of ``choices``."""
     def parse(text: str) -> List[str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import STRATEGIES, STUDY_MODELS
+from ..options import RUN_STRATEGIES, STUDY_MODELS
 from ._args import (
     add_timeout,
     csv_choices,
@@ -28,6 +28,7 @@ def register(sub) -> None:
     _register_accuracy(bsub)
     _register_llamacpp(bsub)
     _register_reliability(bsub)
+    _register_plan(bsub)
 
 
 def kernels_main(args: argparse.Namespace) -> int:
@@ -49,8 +50,11 @@ def _register_e2e(bsub) -> None:
     e.add_argument("--bandwidth", type=csv_floats, default=[10.0], help="Mbit/s, comma-separated")
     e.add_argument("--latency-ms", type=nonnegative_float, default=0.5,
                    help="one-way latency per transfer")
-    e.add_argument("--strategies", type=csv_choices(*STRATEGIES),
-                   default=["single", "tp", "sp", "astra"])
+    e.add_argument("--strategies", type=csv_choices(*RUN_STRATEGIES),
+                   default=["single", "tp", "sp", "astra"],
+                   help="comma-separated; auto: the planner's choice at each bandwidth")
+    e.add_argument("--device-speeds", type=csv_floats, metavar="S1,S2,..",
+                   help="emulated speed of each device (0.5: compute takes twice as long)")
     e.add_argument("--wire", type=csv_choices("fp32", "fp16", "int8"), default=["fp32"],
                    help="fp32,fp16,int8 (comma-separated): what sp, tp and ring send")
     e.add_argument("--link", choices=("emulated", "netns", "virtual"), default="emulated")
@@ -78,7 +82,7 @@ def e2e_main(args: argparse.Namespace) -> int:
     rows = e2e.run_grid(args.model, args.devices, args.bandwidth, args.latency_ms,
                         args.strategies, args.wire, args.link, args.tokens, args.repeats,
                         medium=args.medium, warmup=args.warmup, decode_tokens=args.decode,
-                        timeout_s=args.timeout)
+                        timeout_s=args.timeout, speeds=_speeds(args))
     anchor = _llamacpp_anchor(args)
     if anchor:
         rows.append(anchor)
@@ -88,6 +92,13 @@ def e2e_main(args: argparse.Namespace) -> int:
     if args.plot:
         e2e.plot(rows, args.plot)
     return 0
+
+
+def _speeds(args: argparse.Namespace):
+    if args.device_speeds is not None and len(args.device_speeds) != args.devices:
+        raise ValueError(f"--device-speeds has {len(args.device_speeds)} entries but there "
+                         f"are {args.devices} devices")
+    return args.device_speeds
 
 
 def _llamacpp_anchor(args: argparse.Namespace):
@@ -229,3 +240,40 @@ def reliability_main(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
+
+
+def _register_plan(bsub) -> None:
+    p = bsub.add_parser("plan", help="the planner: auto against single and the best split "
+                        "over a grid of links, models and tokens; devices of different "
+                        "speeds; a device dropping out")
+    p.add_argument("--parts", type=csv_choices("grid", "hetero", "dropout"),
+                   default=["grid", "hetero", "dropout"])
+    p.add_argument("--cells", help="model:tokens pairs, comma-separated (default: minilm, "
+                   "gpt2 at 128 and 512 tokens, smollm2 at 128, 512 and 2048)")
+    p.add_argument("--links", help="Mbit/s:one-way ms pairs, comma-separated (default: 1, 10, "
+                   "100 Mbit/s x 0.5, 5, 20 ms)")
+    p.add_argument("--repeats", type=positive_int, default=1)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH.png")
+    p.set_defaults(func=plan_main)
+
+
+def _pairs(text: str, what: str, kinds):
+    out = []
+    for item in text.split(","):
+        a, sep, b = item.strip().partition(":")
+        try:
+            out.append((kinds[0](a), kinds[1](b)))
+        except ValueError:
+            raise ValueError(f"--{what}: expected A:B pairs, got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--{what}: expected A:B pairs, got {item!r}")
+    return out
+
+
+def plan_main(args: argparse.Namespace) -> int:
+    from astra.bench import planning
+    cells = _pairs(args.cells, "cells", (str, int)) if args.cells else planning.CELLS
+    links = _pairs(args.links, "links", (float, float)) if args.links else planning.LINKS
+    planning.main(args.parts, args.json, args.plot, cells, links, args.repeats)
+    return 0

@@ -25,7 +25,9 @@ def register(sub) -> None:
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--strategy", choices=GENERATE_STRATEGIES, default="astra")
+    p.add_argument("--strategy", choices=GENERATE_STRATEGIES, default="auto",
+                   help="auto: the planner picks the prefill's devices and chunks, or one "
+                   "device alone (default)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--bandwidth", type=positive_float, default=10.0, help="Mbit/s")
     p.add_argument("--latency-ms", type=nonnegative_float, default=0.5,
@@ -46,6 +48,10 @@ def register(sub) -> None:
 
 def _print_summary(row: dict) -> None:
     fp16, rem = row["remote_kv_fp16_bytes"], row["remote_kv_bytes"]
+    if row.get("plan"):
+        p = row["plan"]
+        print(f"plan (auto): {p['strategy']} on {len(p['devices'])} device(s), predicted "
+              f"prefill {p['predicted_ms']:.0f} ms")
     ratio = f" ({fp16 / rem:.0f}x smaller)" if rem else ""
     print(f"{row['strategy']} on {row['devices']} device(s), {row['prompt_tokens']} prompt "
           f"tokens, {row['new_tokens']} generated, {row['bandwidth_mbps']:g} Mbit/s "

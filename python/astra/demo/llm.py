@@ -146,9 +146,17 @@ def run(devices: int = DEVICES, plot_path: Optional[str] = "astra-demo.png",
           "clock, one thread per rank")
     link = LinkModel(BANDWIDTH, LATENCY_MS)
     gen = dict(do_sample=False)
+    # the planner sizes Astra's chunks (the ranks prefill all but the last prompt token)
+    from ..parallel import planner, probe
+    plan = planner.plan(probe.compute_cost(prep.spec, ids[:, :-1], prep.codebooks,
+                                           progress=True),
+                        [1.0] * devices, link)
+    print(plan.line())
+    chunks = plan.chunks if plan.strategy == "astra" and len(plan.devices) == devices else None
 
     def job(s, wire="fp32", generate=True):
         return Job(s, ids, wire=wire, codebooks=prep.codebooks if s == "astra" else None,
+                   chunks=chunks if s == "astra" else None,
                    output="compact", link=link, clock="virtual", timeout_s=900.0,
                    max_new_tokens=new_tokens if generate else 0, generation=gen)
     jobs = [job("astra"), job("single"), job("sp", "int8"), job("tp", "int8", False),
@@ -178,6 +186,9 @@ def run(devices: int = DEVICES, plot_path: Optional[str] = "astra-demo.png",
                              None, new_tokens, sent))
             continue
         answers[j.strategy] = g["tokens"].tolist()
+        if j.strategy == "astra" and chunks:
+            print(f"astra prefill: predicted {plan.predicted_s * 1e3:.0f} ms, measured "
+                  f"{g['prefill_s'] * 1e3:.0f} ms")
         rows.append(_row(j.strategy, j.wire, n, g["ttft_s"] * 1e3, g["decode_tok_s"],
                          g["new_tokens"], 0 if j.strategy == "single" else sent,
                          remote_kv_bytes=g["remote_kv_bytes"],
