@@ -71,19 +71,29 @@ def csv_floats(text: str) -> List[float]:
     return [positive_float(t.strip()) for t in text.split(",")]
 
 
+def pairs_of(first, second, what: str = "A:B"):
+    """An argument type: comma-separated ``a:b`` pairs, each side parsed by ``first`` /
+    ``second`` (``what`` names the form in the error)."""
+    def parse(text: str) -> List[Tuple]:
+        out = []
+        for item in text.split(","):
+            a, sep, b = item.strip().partition(":")
+            try:
+                pair = (first(a), second(b)) if sep else None
+            except (ValueError, argparse.ArgumentTypeError):
+                pair = None
+            if pair is None:
+                raise argparse.ArgumentTypeError(f"expected {what} pairs, got {item!r}")
+            out.append(pair)
+        return out
+    parse.__name__ = "pairs"
+    return parse
+
+
 def time_rates(text: str) -> List[Tuple[float, float]]:
     """``"2:1,5:10"`` -> ``[(2.0, 1.0), (5.0, 10.0)]``: (seconds >= 0, Mbit/s > 0) pairs in
     time order (a bandwidth trace)."""
-    out = []
-    for item in text.split(","):
-        t, sep, b = item.strip().partition(":")
-        try:
-            pair = (nonnegative_float(t), positive_float(b))
-        except argparse.ArgumentTypeError:
-            pair = None
-        if not sep or pair is None:
-            raise argparse.ArgumentTypeError(f"expected SECONDS:MBITS pairs, got {item!r}")
-        out.append(pair)
+    out = pairs_of(nonnegative_float, positive_float, "SECONDS:MBITS")(text)
     if [t for t, _ in out] != sorted(t for t, _ in out):
         raise argparse.ArgumentTypeError(f"the times of {text!r} must not decrease")
     return out

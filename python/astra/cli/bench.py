@@ -10,6 +10,8 @@ from ._args import (
     csv_floats,
     nonnegative_float,
     nonnegative_int,
+    pairs_of,
+    positive_float,
     positive_int,
 )
 
@@ -95,10 +97,9 @@ def e2e_main(args: argparse.Namespace) -> int:
 
 
 def _speeds(args: argparse.Namespace):
-    if args.device_speeds is not None and len(args.device_speeds) != args.devices:
-        raise ValueError(f"--device-speeds has {len(args.device_speeds)} entries but there "
-                         f"are {args.devices} devices")
-    return args.device_speeds
+    from astra.parallel.planner import check_speeds
+    return None if args.device_speeds is None else check_speeds(args.device_speeds,
+                                                                args.devices)
 
 
 def _llamacpp_anchor(args: argparse.Namespace):
@@ -248,32 +249,20 @@ def _register_plan(bsub) -> None:
                         "speeds; a device dropping out")
     p.add_argument("--parts", type=csv_choices("grid", "hetero", "dropout"),
                    default=["grid", "hetero", "dropout"])
-    p.add_argument("--cells", help="model:tokens pairs, comma-separated (default: minilm, "
-                   "gpt2 at 128 and 512 tokens, smollm2 at 128, 512 and 2048)")
-    p.add_argument("--links", help="Mbit/s:one-way ms pairs, comma-separated (default: 1, 10, "
-                   "100 Mbit/s x 0.5, 5, 20 ms)")
+    p.add_argument("--cells", type=pairs_of(str, positive_int),
+                   help="model:tokens pairs, comma-separated (default: minilm, gpt2 at 128 "
+                   "and 512 tokens, smollm2 at 128, 512 and 2048)")
+    p.add_argument("--links", type=pairs_of(positive_float, nonnegative_float),
+                   help="Mbit/s:one-way ms pairs, comma-separated (default: 1, 10, 100 Mbit/s "
+                   "x 0.5, 5, 20 ms)")
     p.add_argument("--repeats", type=positive_int, default=1)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH.png")
     p.set_defaults(func=plan_main)
 
 
-def _pairs(text: str, what: str, kinds):
-    out = []
-    for item in text.split(","):
-        a, sep, b = item.strip().partition(":")
-        try:
-            out.append((kinds[0](a), kinds[1](b)))
-        except ValueError:
-            raise ValueError(f"--{what}: expected A:B pairs, got {item!r}") from None
-        if not sep:
-            raise ValueError(f"--{what}: expected A:B pairs, got {item!r}")
-    return out
-
-
 def plan_main(args: argparse.Namespace) -> int:
     from astra.bench import planning
-    cells = _pairs(args.cells, "cells", (str, int)) if args.cells else planning.CELLS
-    links = _pairs(args.links, "links", (float, float)) if args.links else planning.LINKS
-    planning.main(args.parts, args.json, args.plot, cells, links, args.repeats)
+    planning.main(args.parts, args.json, args.plot, args.cells or planning.CELLS,
+                  args.links or planning.LINKS, args.repeats)
     return 0

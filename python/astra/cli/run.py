@@ -87,21 +87,20 @@ def describe_codebooks(cbs) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from astra.parallel.planner import Plan, check_speeds  # torch-free
     auto = args.strategy == "auto"
-    for name, given in (("--chunks", args.chunks), ("--device-speeds", args.device_speeds)):
-        if given is not None and len(given) != args.devices:  # before importing torch
-            raise ValueError(f"{name} has {len(given)} entries {given} but there are "
-                             f"{args.devices} devices")
+    if args.chunks is not None and len(args.chunks) != args.devices:  # before importing torch
+        raise ValueError(f"--chunks has {len(args.chunks)} entries {args.chunks} but there "
+                         f"are {args.devices} devices")
+    speeds = check_speeds(args.device_speeds, args.devices)
     if auto and args.chunks is not None:
         raise ValueError("--chunks fixes the split: give it with --strategy astra (auto "
                          "chooses the devices and chunks itself)")
     from astra import catalog
     from astra.parallel.job import fidelity
     from astra.parallel.links import LinkModel
-    from astra.parallel.planner import Plan, check_speeds
     from astra.parallel.runner import Job, check_chunks, check_device, launch, summarize
     check_device(args.device, [args.clock])  # before the set-up builds anything
-    speeds = check_speeds(args.device_speeds, args.devices)
     run = catalog.load(args.model, args.tokens, args.codebooks, args.checkpoint,
                        with_codebooks=args.strategy in ("astra", "auto"),
                        check=lambda n: check_chunks(args.chunks, n, args.devices))

@@ -189,7 +189,7 @@ class CollectiveStat:
     link_s: float      # modelled duration of the collective (0 without emulation)
     wait_s: float      # time this rank waited on the link after the real transfer
     blocked_cpu_s: float = 0.0  # CPU time spent blocked on the real transfer
-    link_mbps: Optional[float] = None  # the bandwidth its transfer time says (emulated link)
+    link_mbps: Optional[float] = None  # the bandwidth its bytes took (emulated link)
 
 
 @dataclass
@@ -487,9 +487,8 @@ class DistCommunicator:
             if self.link_mode == "model":
                 at = max(starts) + self.trace_base  # a bandwidth trace's time
                 link_s = self._duration(h.seq, h.plan, at)
-                if link_s > 0:  # what the transfer time says of the bandwidth
-                    ser = self.link.serialization_s(h.plan, at)
-                    mbps = self.link.bandwidth_at(at) if ser > 0 else None
+                if link_s > 0:  # the bandwidth its bytes took (the emulated link's, at)
+                    mbps = self.link.bandwidth_at(at)
                 if resend_rounds:  # NACK and resend: a latency and the bytes per round
                     link_s += resend_rounds * self._latency(h.seq) + \
                         self.link.serialization_s([(1, 0, resend_bytes)], at)

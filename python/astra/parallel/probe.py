@@ -114,8 +114,7 @@ def measure(model, inputs: torch.Tensor, codebooks=None, *, repeats: int = 5,
     import astra
     from astra.models import resolve
 
-    from .job import Job as _Job
-    from .job import job_codebooks, wire_bits
+    from .job import wire_bits
     ad = resolve(model)[1]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -123,8 +122,7 @@ def measure(model, inputs: torch.Tensor, codebooks=None, *, repeats: int = 5,
         with torch.no_grad():
             with tqdm(total=4 + (0 if codebooks is None else 6), disable=not progress,
                       desc="measuring the model on this device (once; cached)") as bar:
-                return _measure(model, ad, inputs, None if codebooks is None else
-                                job_codebooks(_Job("astra", inputs, codebooks=codebooks)),
+                return _measure(model, ad, inputs, _codebooks(inputs, codebooks),
                                 repeats, astra, wire_bits, bar)
     finally:
         torch.set_num_threads(threads)
@@ -210,6 +208,13 @@ def _exchange_s(n: int, bits: int, repeats: int) -> float:
     return _median(roundtrip, repeats) + 1e-4
 
 
+def _codebooks(inputs, codebooks):
+    """``codebooks`` (a tensor or :class:`astra.Codebooks`) as a Codebooks, or None."""
+    from .job import Job, job_codebooks
+    return None if codebooks is None else job_codebooks(Job("astra", inputs,
+                                                            codebooks=codebooks))
+
+
 def _machine() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -240,8 +245,7 @@ def compute_cost(spec, inputs: torch.Tensor, codebooks=None, *,
     version); ``model``: the built model (else built on a cache miss)."""
     from astra.cache import cache_path, write_atomic
 
-    from .job import Job, job_codebooks
-    cb = None if codebooks is None else job_codebooks(Job("astra", inputs, codebooks=codebooks))
+    cb = _codebooks(inputs, codebooks)
     key = dict(spec=_describe(spec), shape=list(inputs.shape), dtype=str(inputs.dtype),
                codebooks=None if cb is None else f"{cb.kind} {tuple(cb.tensor.shape)} "
                f"{cb.stage_sizes}",
