@@ -1,6 +1,7 @@
 """The planner and its cost model: decisions on fixed costs (deterministic), chunks that
 follow speeds and causal cost, the fit of measured block times, devices of different
 speed in real runs, and a request that survives a rank dying."""
+import dataclasses
 import itertools
 import math
 
@@ -137,18 +138,68 @@ def test_fit_block_recovers_known_coefficients():
                noisy.per_remote_pair_s) >= 0
 
 
+def test_only_the_work_between_send_and_wait_hides_under_the_link():
+    """Two symmetric ranks, a link slower than the block: per layer a rank pays its
+    work before the send, the link (its own local attention hides under it) and the
+    rest of the block after the wait."""
+    b = BlockCost(2e-3, 0.0, 0.0, 0.0)
+    cost = ComputeCost(layers=5, causal=False, tokens=100, single=b, astra=b,
+                       head_per_token_s=0.0, bits_per_token=8, dim=4,
+                       pre=BlockCost(3e-4, 0, 0, 0), mid=BlockCost(5e-4, 0, 0, 0))
+    link = LinkModel(1000, 10.0)
+    dur = link.duration_s([(0, 1, costmodel._frame(cost, 50)),
+                           (1, 0, costmodel._frame(cost, 50))])
+    gather = link.duration_s([(1, 0, costmodel.HEADER_BYTES + 4 * cost.dim)])
+    post = 2e-3 - 3e-4 - 5e-4
+    total, detail = predict_astra(cost, [50, 50], [1, 1], link, detail=True)
+    assert total == pytest.approx(5 * (3e-4 + dur + post) + gather)
+    assert detail[0]["wait_s"] == pytest.approx(5 * (dur - 5e-4))
+    # the phases never exceed the block, whatever the fit says
+    big_mid = dataclasses.replace(cost, mid=BlockCost(5e-3, 0, 0, 0))
+    assert big_mid.phases(50, 2500, 2500)[2] == 0.0
+
+
 def test_probe_measures_a_model_and_caches_it(tmp_path, monkeypatch):
     monkeypatch.setenv("ASTRA_CACHE", str(tmp_path))
     prep = catalog.prepare("tiny-gpt2", 48)
-    cost = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks)
+    cost = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks, calibrated=False)
     assert cost.causal and cost.layers == prep.num_layers and cost.tokens == 48
     assert cost.bits_per_token > 0 and predict_single(cost) > 0
-    assert all(v >= 0 for b in (cost.single, cost.astra) for v in
+    assert all(v >= 0 for b in (cost.single, cost.astra, cost.pre, cost.mid) for v in
                (b.fixed_s, b.per_token_s, b.per_pair_s, b.per_remote_pair_s))
+    # before the send nothing attends; between send and wait only the local pairs
+    assert cost.pre.per_pair_s == cost.pre.per_remote_pair_s == cost.mid.per_remote_pair_s == 0
     calls = []
     monkeypatch.setattr(probe, "measure", lambda *a, **k: calls.append(1))
-    again = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks)
+    again = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks, calibrated=False)
     assert again == cost and not calls  # from the cache, not measured again
+
+
+def test_calibration_predicts_the_runs_it_measured(tmp_path, monkeypatch):
+    """The calibrated cost predicts the launch's one-device time exactly, and the 2- and
+    4-rank splits' per-layer time beyond the scaled probe becomes the exchange's
+    overhead (a constant plus a part per frame; never negative)."""
+    monkeypatch.setenv("ASTRA_CACHE", str(tmp_path))
+    prep = catalog.prepare("tiny-bert", 40)
+    cb = probe._codebooks(prep.inputs, prep.codebooks)
+    raw = probe.measure(prep.spec.build(), prep.inputs, cb, repeats=3)
+    cost, info = probe.calibrate(prep.spec, prep.inputs, cb, raw, repeats=1)
+    assert info["tokens"] == raw.tokens
+    assert predict_single(cost) == pytest.approx(info["single_s"], rel=1e-9)
+    assert cost.single.per_token_s == pytest.approx(info["scale"] * raw.single.per_token_s)
+    assert cost.exchange_s >= 0 and cost.exchange_peer_s >= 0
+    for W in (2, 4):
+        frames = 2 * (W - 1)  # non-causal: every rank sends to and hears from all others
+        gap = max(0.0, info[f"astra{W}_gap_s"])
+        if cost.exchange_s > 0 and cost.exchange_peer_s > 0:  # two points, two unknowns
+            assert cost.exchange(frames) == pytest.approx(gap, rel=1e-6, abs=1e-12)
+    # compute_cost calibrates by default (one launch) and caches the calibrated cost
+    launches = []
+    monkeypatch.setattr(probe, "calibrate", lambda *a, **k: (launches.append(1), (cost, info))[1])
+    got = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks)
+    assert got == cost and launches == [1]
+    assert probe.compute_cost(prep.spec, prep.inputs, prep.codebooks) == cost
+    assert launches == [1]
 
 
 class _FakeTime:
@@ -295,3 +346,20 @@ def test_astra_run_re_plans_the_requests_after_the_link_dropped(capsys, monkeypa
            "the 2 left: one device (0) alone" in out, out
     assert "requests (ms): " in out and " | re-planned | " in out
     assert "tiny-bert single N=1" in out
+
+
+def test_bench_plan_json_keeps_the_parts_not_run(tmp_path, monkeypatch, capsys):
+    import json
+
+    from astra.bench import planning
+    path = tmp_path / "planning.json"
+    path.write_text(json.dumps({"grid": [{"kept": True}]}))
+    rows = [dict(model="m", tokens=8, strategy="single", devices=1, predicted_ms=90.0,
+                 measured_ms=100.0),
+            dict(model="m", tokens=8, strategy="astra", devices=2, chunks=[4, 4],
+                 bandwidth_mbps=10.0, latency_ms=0.5, predicted_ms=66.0, measured_ms=60.0)]
+    monkeypatch.setattr(planning, "wall", lambda repeats: rows)
+    planning.main(["wall"], str(path), None)
+    out = json.loads(path.read_text())
+    assert out["grid"] == [{"kept": True}] and out["wall"] == rows
+    assert "prediction error median 10.0%, max 10% over 2 runs" in capsys.readouterr().out

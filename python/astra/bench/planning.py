@@ -6,13 +6,16 @@ request survive a device dropping out.
   default chunks, and ``auto`` (the plan, run on the devices it picks). Each cell says
   whether ``auto`` is within 5% of the better of ``single`` and the best ``astra``
   split, and every measured configuration's predicted time beside its measured one.
-  Where ``auto``'s plan is a job already measured (one device; or a split with the
-  default chunks) its time is that measurement: the same job run twice differs by the
-  machine's noise alone (on the 2-core machine here, median 5%, up to 30%).
+  ``auto``'s plan runs in the same launch as the default splits over as many devices
+  (the machine's state drifts between launches: the same job in two launches differs
+  by a median 5%, up to 30%, on the 2-core machine here); a plan that is a job already
+  measured (one device; or a split with the default chunks) is that measurement.
 - :func:`hetero`: devices of speeds 1, 1, 0.5, 0.25 on a causal LLM: equal chunks over
   all of them against ``auto``.
 - :func:`dropout`: one of 4 ranks dies mid-prefill (wall clock): the request completes
   on the others; the detection time, the re-run, and a clean run of the same re-plan.
+- :func:`wall`: predicted against measured on the wall clock, as many ranks as cores
+  (not in the default parts).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 LINKS = [(bw, lat) for bw in (1.0, 10.0, 100.0) for lat in (0.5, 5.0, 20.0)]
+WALL_CELLS = [("minilm", 512), ("gpt2", 512), ("smollm2", 512)]
+WALL_LINKS = [(10.0, 0.5), (100.0, 5.0), (1.0, 20.0)]
 CELLS = [("minilm", 128), ("minilm", 512), ("gpt2", 128), ("gpt2", 512),
          ("smollm2", 128), ("smollm2", 512), ("smollm2", 2048)]
 
@@ -49,27 +54,30 @@ def grid(cells: Sequence[Tuple[str, int]] = CELLS, links=LINKS, devices: int = 4
                   timeout_s=600.0)
         single_s = _median(launch(prep.spec, [Job("single", prep.inputs, **kw)], 1)[0])
         lks = [LinkModel(bw, lat) for bw, lat in links]
+        plans = [planner.plan(cost, [1.0] * devices, lk) for lk in lks]
         astra: Dict[int, List[float]] = {}
         chunks: Dict[int, List[int]] = {}
-        worlds = range(2, devices + 1) if T < 2048 else (2, devices)
+        auto: List[Optional[float]] = [single_s if p.strategy == "single" else None
+                                       for p in plans]
+        worlds = sorted(set(range(2, devices + 1) if T < 2048 else (2, devices)) |
+                        {len(p.devices) for p in plans if p.strategy == "astra"})
         for N in worlds:
             chunks[N] = default_chunks(prep.content_tokens, N, _apk(cost))
+            # a plan over N devices runs in the same launch as the default splits over N
+            # (the same machine state); one with the default chunks is that job
+            own = [i for i, p in enumerate(plans) if p.strategy == "astra"
+                   and len(p.devices) == N and p.chunks != chunks[N]]
             jobs = [Job("astra", prep.inputs, codebooks=prep.codebooks, chunks=chunks[N],
                         link=lk, **kw) for lk in lks]
-            astra[N] = [_median(r) for r in launch(prep.spec, jobs, N)]
-        plans = [planner.plan(cost, [1.0] * devices, lk) for lk in lks]
-        # a plan that is a job already measured (single, or a split with the same chunks)
-        # reads that measurement: the same job run twice differs by the machine's noise
-        auto = [single_s if p.strategy == "single" else
-                astra[len(p.devices)][i] if chunks.get(len(p.devices)) == p.chunks else None
-                for i, p in enumerate(plans)]
-        for N in sorted({len(p.devices) for p, a in zip(plans, auto) if a is None}):
-            idx = [i for i, p in enumerate(plans) if p.strategy == "astra"
-                   and len(p.devices) == N and auto[i] is None]
-            jobs = [Job("astra", prep.inputs, codebooks=prep.codebooks,
-                        chunks=plans[i].chunks, link=lks[i], **kw) for i in idx]
-            for i, r in zip(idx, launch(prep.spec, jobs, N)):
-                auto[i] = _median(r)
+            jobs += [Job("astra", prep.inputs, codebooks=prep.codebooks,
+                         chunks=plans[i].chunks, link=lks[i], **kw) for i in own]
+            got = [_median(r) for r in launch(prep.spec, jobs, N)]
+            astra[N] = got[:len(lks)]
+            for i, t in zip(own, got[len(lks):]):
+                auto[i] = t
+            for i, p in enumerate(plans):
+                if p.strategy == "astra" and len(p.devices) == N and auto[i] is None:
+                    auto[i] = astra[N][i]
         for i, ((bw, lat), lk) in enumerate(zip(links, lks)):
             best_n = min(astra, key=lambda N: astra[N][i])
             ref = min(single_s, astra[best_n][i])
@@ -211,6 +219,52 @@ def dropout(name: str = "minilm", tokens: int = 512, devices: int = 4, lost: int
                 latency_ms=_median(res[0]) * 1e3, clean_latency_ms=_median(clean[0]) * 1e3)
 
 
+def wall(cells: Sequence[Tuple[str, int]] = WALL_CELLS, links=WALL_LINKS,
+         devices: Optional[int] = None, repeats: int = 3, warmup: int = 1) -> List[Dict]:
+    """``single`` and ``astra`` over ``devices`` ranks (default: as many as cores, at
+    most 4) with the default chunks on the wall clock: the prediction against what the
+    ranks measured, one row per (model, tokens, link) and strategy."""
+    import os
+
+    from astra import catalog
+    from astra.parallel import probe
+    from astra.parallel.costmodel import predict_astra, predict_single
+    from astra.parallel.links import LinkModel
+    from astra.parallel.runner import Job, default_chunks, launch
+    N = devices or max(2, min(4, os.cpu_count() or 2))
+    rows = []
+    for name, T in cells:
+        prep = catalog.prepare(name, T)
+        cost = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks)
+        kw = dict(output="compact", clock="wall", repeats=repeats, warmup=warmup,
+                  timeout_s=600.0)
+        single_s = _median(launch(prep.spec, [Job("single", prep.inputs, **kw)], 1)[0])
+        chunks = default_chunks(prep.content_tokens, N, _apk(cost))
+        lks = [LinkModel(bw, lat) for bw, lat in links]
+        split = launch(prep.spec, [Job("astra", prep.inputs, codebooks=prep.codebooks,
+                                       chunks=chunks, link=lk, **kw) for lk in lks], N)
+        rows.append(dict(model=name, tokens=T, strategy="single", devices=1,
+                         predicted_ms=predict_single(cost) * 1e3, measured_ms=single_s * 1e3))
+        for (bw, lat), lk, res in zip(links, lks, split):
+            rows.append(dict(model=name, tokens=T, strategy="astra", devices=N, chunks=chunks,
+                             bandwidth_mbps=bw, latency_ms=lat,
+                             predicted_ms=predict_astra(cost, chunks, [1.0] * N, lk) * 1e3,
+                             measured_ms=_median(res) * 1e3))
+    return rows
+
+
+def print_wall(rows: List[Dict]) -> None:
+    print(f"{'model':<8}{'T':>5}  {'run':<24}{'predicted':>10}{'measured':>10}{'error':>8}")
+    for r in rows:
+        run = ("single" if r["strategy"] == "single" else
+               f"astra x{r['devices']} {r['bandwidth_mbps']:g}/{r['latency_ms']:g}")
+        print(f"{r['model']:<8}{r['tokens']:>5}  {run:<24}{r['predicted_ms']:>10.0f}"
+              f"{r['measured_ms']:>10.0f}{r['predicted_ms'] / r['measured_ms'] - 1:>+8.0%}")
+    errs = [abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in rows]
+    print(f"wall clock: prediction error median {statistics.median(errs):.1%}, "
+          f"max {max(errs):.0%} over {len(errs)} runs")
+
+
 def plot(rows: List[Dict], path: str) -> None:
     """Predicted against measured time for every run of the grid (log-log), and auto
     against the better of single and the best astra split per cell."""
@@ -248,7 +302,11 @@ def plot(rows: List[Dict], path: str) -> None:
 def main(which: Sequence[str], json_path: Optional[str], plot_path: Optional[str],
          cells=CELLS, links=LINKS, repeats: int = 1) -> Dict:
     import json
+    import os
     out: Dict = {}
+    if json_path and os.path.exists(json_path):  # the parts not run this time are kept
+        with open(json_path) as f:
+            out = json.load(f)
     if "grid" in which:
         out["grid"] = grid(cells, links, repeats=repeats)
         print_grid(out["grid"])
@@ -266,6 +324,9 @@ def main(which: Sequence[str], json_path: Optional[str], plot_path: Optional[str
               f"completed {d['after_death_s']:.1f} s after the death (detection + a 3-device run "
               f"from start-up: {d['detection_s'] + d['clean_rerun_s']:.1f} s with a clean run "
               f"of {d['clean_rerun_s']:.1f} s)")
+    if "wall" in which:
+        out["wall"] = wall(repeats=max(3, repeats))
+        print_wall(out["wall"])
     if json_path:
         with open(json_path, "w") as f:
             json.dump(out, f, indent=1)

@@ -247,8 +247,11 @@ def _register_plan(bsub) -> None:
     p = bsub.add_parser("plan", help="the planner: auto against single and the best split "
                         "over a grid of links, models and tokens; devices of different "
                         "speeds; a device dropping out")
-    p.add_argument("--parts", type=csv_choices("grid", "hetero", "dropout"),
-                   default=["grid", "hetero", "dropout"])
+    p.add_argument("--parts", type=csv_choices("grid", "hetero", "dropout", "wall"),
+                   default=["grid", "hetero", "dropout"],
+                   help="comma-separated (default grid,hetero,dropout; wall: predicted "
+                   "against measured on the wall clock, as many ranks as cores); with "
+                   "--json the parts not run are kept from the file")
     p.add_argument("--cells", type=pairs_of(str, positive_int),
                    help="model:tokens pairs, comma-separated (default: minilm, gpt2 at 128 "
                    "and 512 tokens, smollm2 at 128, 512 and 2048)")

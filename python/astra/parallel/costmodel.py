@@ -17,9 +17,13 @@ encoder and the gathers from the projected tables included). A device of speed `
 takes ``1/s`` of these times. Embedding and tail cost ``head_per_token`` per token.
 
 **The exchange, as the runner does it** (:class:`~astra.parallel.comm.DistCommunicator`):
-per layer a rank encodes its tokens (``send_share`` of its per-token cost), starts the
-all-gather of the codes, attends to its own tokens while they travel, waits for the codes
-of the ranks it sees, then attends to them and runs the rest of the block. The collective
+per layer a rank normalizes and encodes its tokens (``pre``), starts the all-gather of
+the codes, projects q/k/v and attends to its own tokens while they travel (``mid``: the
+only work that hides under the link), waits for the codes of the ranks it sees, then
+attends to them and runs the rest of the block (the output projection and the MLP: what
+is left of ``astra``). The probe times ``pre`` and ``mid`` inside the block; a cost
+given by hand may instead say which shares of the per-token cost they take
+(``send_share``, ``local_share``; the fixed cost then counts after the wait). The collective
 completes one link duration (latency + the serialization of every frame of the layer, on
 a shared or switched medium: :class:`~astra.parallel.links.LinkModel`) after the last
 send it waits for. At the end the ranks' summaries go to rank 0.
@@ -61,11 +65,13 @@ class ComputeCost:
     """A model's compute on one device at speed 1, for ``tokens`` content tokens.
 
     ``layers`` blocks; ``causal``; ``single`` / ``astra`` the block costs;
-    ``send_share``: the share of a rank's astra per-token cost spent before its codes
-    leave (the encoder); ``local_share``: the share spent between the send and the wait
-    (the q/k/v projections); ``head_per_token_s``: embedding and tail; ``bits_per_token``
-    and ``dim``: what travels (codes per token per layer; the summary's width);
-    ``exchange_s``: per layer, a rank's fixed cost of one exchange (framing, posting)."""
+    ``pre`` / ``mid``: the parts of ``astra`` before the codes leave and between the
+    send and the wait (measured; the rest comes after the wait); without them
+    ``send_share`` / ``local_share`` of the per-token cost (plus the local pairs) stand
+    for them; ``head_per_token_s``: embedding and tail; ``bits_per_token`` and ``dim``:
+    what travels (codes per token per layer; the summary's width); ``exchange_s``: per
+    layer, a rank's fixed cost of one exchange (framing, posting), and
+    ``exchange_peer_s`` per frame it sends or receives."""
 
     layers: int
     causal: bool
@@ -78,6 +84,9 @@ class ComputeCost:
     send_share: float = 0.1
     local_share: float = 0.25
     exchange_s: float = 0.0
+    exchange_peer_s: float = 0.0
+    pre: Optional[BlockCost] = None
+    mid: Optional[BlockCost] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -87,7 +96,27 @@ class ComputeCost:
         d = dict(d)
         d["single"] = BlockCost(**d["single"])
         d["astra"] = BlockCost(**d["astra"])
+        for k in ("pre", "mid"):
+            if d.get(k) is not None:
+                d[k] = BlockCost(**d[k])
         return cls(**d)
+
+    def exchange(self, peers: int) -> float:
+        """Seconds of one layer's exchange overhead for a rank posting ``peers`` frames
+        (sends and receives)."""
+        return self.exchange_s + self.exchange_peer_s * peers if peers else 0.0
+
+    def phases(self, n: int, lp: float, rp: float) -> tuple:
+        """``(pre, mid, post)`` seconds of one astra block at speed 1 for a rank of
+        ``n`` tokens with ``lp`` local and ``rp`` remote pairs (no exchange overhead)."""
+        total = self.astra(n, lp, rp)
+        if self.pre is not None and self.mid is not None:
+            a, b = self.pre(n, 0.0), self.mid(n, lp)
+            return a, b, max(0.0, total - a - b)
+        per_tok = self.astra.per_token_s * n
+        a = self.send_share * per_tok
+        b = self.local_share * per_tok + self.astra.per_pair_s * lp
+        return a, b, max(0.0, total - a - b)
 
 
 def steady(link: LinkModel) -> LinkModel:
@@ -112,11 +141,11 @@ def predict_single(cost: ComputeCost, n: Optional[int] = None, speed: float = 1.
     return (cost.head_per_token_s * n + cost.layers * cost.single(n, lp)) / speed
 
 
-def rank_compute(cost: ComputeCost, lo: int, hi: int, n: int) -> float:
+def rank_compute(cost: ComputeCost, lo: int, hi: int, n: int, peers: int = 1) -> float:
     """Seconds of one block (speed 1) of the astra rank holding tokens ``[lo, hi)`` of
-    ``n``, its exchange's fixed cost included."""
+    ``n``, its exchange's overhead with ``peers`` peers included."""
     lp, rp = pairs(lo, hi, n, cost.causal)
-    return cost.astra(hi - lo, lp, rp) + cost.exchange_s
+    return cost.astra(hi - lo, lp, rp) + cost.exchange(peers)
 
 
 def _frame(cost: ComputeCost, tokens: int) -> int:
@@ -141,13 +170,11 @@ def predict_astra(cost: ComputeCost, chunks: Sequence[int], speeds: Sequence[flo
     pre, mid, post = [], [], []
     for r in range(W):
         lo = sum(chunks[:r])
-        lp, rp = pairs(lo, lo + chunks[r], T, causal)
-        per_tok = cost.astra.per_token_s * chunks[r]
-        local = cost.astra.fixed_s + cost.exchange_s + cost.astra.per_pair_s * lp
-        pre.append(cost.send_share * per_tok / speeds[r])
-        mid.append((cost.local_share * per_tok + local) / speeds[r])
-        post.append(((1 - cost.send_share - cost.local_share) * per_tok
-                     + cost.astra.per_remote_pair_s * rp) / speeds[r])
+        a, b, c = cost.phases(chunks[r], *pairs(lo, lo + chunks[r], T, causal))
+        peers = len(senders[r]) + sum(1 for d in range(W) if r in senders[d])
+        pre.append(a / speeds[r])
+        mid.append((b + cost.exchange(peers)) / speeds[r])
+        post.append(c / speeds[r])
     end = [cost.head_per_token_s * chunks[r] / speeds[r] for r in range(W)]
     waits = [0.0] * W
     for _ in range(cost.layers):

@@ -15,15 +15,25 @@ thread (what each rank of a local run gets):
 - the encoder alone (the share of a rank's work before its codes leave), the embedding
   and tail, and one exchange's framing.
 
-The coefficients are fitted by least squares (non-negative). :func:`compute_cost`
+The coefficients are fitted by least squares (non-negative). For the astra rank the
+probe also times, inside the block, the work before the codes leave and the work
+between the send and the wait (the part that hides under the link).
+
+:func:`calibrate` then ties the probe to the runner with real launches of 2 and 4
+ranks (a link that costs nothing): the one-device time scales every coefficient (the
+machine runs faster or slower than while the probe ran), and what a rank's layer takes
+beyond the scaled probe is the exchange's overhead (gloo posts, framing, ranks taking
+turns on the cores), fitted as a constant plus a part per frame. :func:`compute_cost`
 caches the result under ``<cache>/costs`` keyed by the model, tokens, codebooks and the
-machine, so only the first plan of a request shape pays the probe (seconds).
+machine, so only the first plan of a request shape pays the probe (seconds) and the
+calibration (two launches).
 """
 from __future__ import annotations
 
 import json
 import platform
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence, Tuple
 
 import numpy as np
@@ -31,26 +41,32 @@ import torch
 
 from .costmodel import BlockCost, ComputeCost, pairs
 
-__all__ = ["measure", "compute_cost", "fit_block"]
+__all__ = ["measure", "calibrate", "compute_cost", "fit_block"]
+
+CALIBRATION_TOKENS = 512  # causal LMs calibrate on this prefix (the scale is per machine)
 
 
 class _Done:
-    def __init__(self, payloads):
-        self.payloads = payloads
+    def __init__(self, payloads, mark):
+        self.payloads, self.mark = payloads, mark
 
     def wait(self):
+        self.mark.append(time.perf_counter())  # the rank stops to wait for the codes
         return self.payloads
 
 
 class _Loopback:
     """A communicator for rank ``rank`` of ``world_size`` with nobody on the other side:
-    every exchange returns the local codes repeated to each other rank's token count."""
+    every exchange returns the local codes repeated to each other rank's token count.
+    ``marks``: per exchange, when it started and when the rank waited for it."""
 
     def __init__(self, causal: bool):
         self.causal = causal
         self.rank, self.world_size, self.send_tokens = 0, 1, [1]
+        self.marks = []
 
     def exchange_start(self, layer_idx: int, local: torch.Tensor) -> _Done:
+        self.marks.append([time.perf_counter()])
         out = []
         for s in range(self.world_size):
             if s == self.rank:
@@ -60,7 +76,7 @@ class _Loopback:
             else:
                 reps = -(-int(self.send_tokens[s]) // max(1, local.shape[1]))
                 out.append(local.repeat(1, reps, 1)[:, :int(self.send_tokens[s])])
-        return _Done(out)
+        return _Done(out, self.marks[-1])
 
     def exchange(self, layer_idx: int, local: torch.Tensor):
         return self.exchange_start(layer_idx, local).wait()
@@ -75,6 +91,22 @@ def _median(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]  # the median: what a run sees, noise included
+
+
+def _median_phases(fn: Callable[[], Any], marks: list, repeats: int) -> Tuple[float, ...]:
+    """Medians of ``(total, before the exchange, between the exchange and its wait)`` of
+    ``repeats`` calls of ``fn`` (one astra block behind a :class:`_Loopback`) after one
+    untimed call."""
+    fn()
+    rows = []
+    for _ in range(repeats):
+        marks.clear()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        start, waited = marks[0] if marks and len(marks[0]) == 2 else (t0, t0)
+        rows.append((t1 - t0, start - t0, waited - start))
+    return tuple(sorted(c)[len(c) // 2] for c in zip(*rows))
 
 
 def fit_block(rows: Sequence[Tuple[float, float, float]], times: Sequence[float],
@@ -142,6 +174,12 @@ def _measure(model, ad, inputs, cbs, repeats, astra, wire_bits, bar) -> ComputeC
         turn[0] += 1
         return ad.run_block(model, blocks[turn[0] % L], h)
 
+    def warm(h):
+        # once through every block: lazily built state (the projected codebook tables,
+        # one per layer) is made here, not inside a timed call
+        for _ in range(L):
+            next_block(h)
+
     def run(lo, hi):
         h = ad.embed(model, inputs, lo, hi, cls)
         t = _median(lambda: next_block(h), repeats)
@@ -153,6 +191,7 @@ def _measure(model, ad, inputs, cbs, repeats, astra, wire_bits, bar) -> ComputeC
     if causal:
         astra.patch(model, None, devices=1)
     try:
+        warm(ad.embed(model, inputs, 0, sizes[0], cls))
         rows = [(s, pairs(0, s, s, causal)[0], 0.0) for s in sizes]
         single = fit_block(rows, [run(0, s) for s in sizes], remote=False)
         t_embed = _median(lambda: ad.embed(model, inputs, 0, n, cls), repeats)
@@ -170,27 +209,39 @@ def _measure(model, ad, inputs, cbs, repeats, astra, wire_bits, bar) -> ComputeC
     astra.patch(model, cbs, communicator=comm, strict=False)
     try:
         rows, times = [], []
-        for W, r in ((1, 0), (2, 0), (2, 1), (4, 0), (4, 3), (8, 7)):
+        for i, (W, r) in enumerate(_RANK_SHAPES):
             if n < W:
                 continue
             chunks = [int(c.numel()) for c in torch.tensor_split(torch.arange(n), W)]
             lo = sum(chunks[:r])
             comm.rank, comm.world_size, comm.send_tokens = r, W, chunks
+            h = ad.embed(model, inputs, lo, lo + chunks[r], cls)
+            if not rows:
+                warm(h)
             rows.append((chunks[r],) + pairs(lo, lo + chunks[r], n, causal))
-            times.append(run(lo, lo + chunks[r]))
-        fitted = fit_block(rows, times)
-        # the encoder's share of a rank's per-token cost (before its codes leave)
-        attn = getattr(*ad.attention_slots(model)[0])
-        x = torch.randn(1, n, ad.dim(model))
-        t_enc = _median(lambda: attn.encode(x), repeats) / n
+            times.append(_median_phases(lambda: next_block(h), comm.marks, repeats))
+            bar.update()
     finally:
         astra.unpatch(model)
+    # non-causal ranks at one length: remote pairs n(T-n) are a combination of n and n²,
+    # so they are not a column of their own (the fit would be singular)
+    fit_rows = rows if causal else [(k, lp, 0.0) for k, lp, _ in rows]
+    fitted = fit_block(fit_rows, [t[0] for t in times], remote=causal)
+    pre = fit_block([(k, 0.0, 0.0) for k, _, _ in rows], [t[1] for t in times], remote=False)
+    mid = fit_block([(k, lp, 0.0) for k, lp, _ in rows], [t[2] for t in times], remote=False)
+    if not causal:
+        fitted = BlockCost(fitted.fixed_s, fitted.per_token_s, fitted.per_pair_s, 0.0)
     wb = wire_bits(cbs)
     bits = wb["bits"] * wb["G"] if wb["stage_bits"] is None else sum(wb["stage_bits"][0])
-    send_share = min(0.9, t_enc / fitted.per_token_s) if fitted.per_token_s else 0.0
     return ComputeCost(L, causal, n, single, fitted, head, int(bits), ad.dim(model),
-                       send_share=send_share, local_share=min(0.25, 1 - send_share),
-                       exchange_s=_exchange_s(n, bits, repeats))
+                       exchange_s=_exchange_s(n, bits, repeats),
+                       pre=BlockCost(pre.fixed_s, pre.per_token_s, 0.0, 0.0),
+                       mid=BlockCost(mid.fixed_s, mid.per_token_s, mid.per_pair_s, 0.0))
+
+
+# (world size, rank) of the astra ranks timed: the shapes plans use (2..8 ranks; first,
+# middle and last positions, which differ for causal models)
+_RANK_SHAPES = ((2, 0), (2, 1), (3, 1), (4, 0), (4, 3), (8, 7))
 
 
 def _exchange_s(n: int, bits: int, repeats: int) -> float:
@@ -206,6 +257,70 @@ def _exchange_s(n: int, bits: int, repeats: int) -> float:
         wire.decode_tensor(wire.decode(f, seq=0, src=0, kind="codes", rows=1,
                                        tokens=codes.shape[1], width=1, bits=1))
     return _median(roundtrip, repeats) + 1e-4
+
+
+def _scaled(cost: ComputeCost, k: float) -> ComputeCost:
+    """``cost`` with every compute coefficient times ``k`` (a faster or slower machine)."""
+    def sc(b):
+        return None if b is None else BlockCost(*(k * v for v in (
+            b.fixed_s, b.per_token_s, b.per_pair_s, b.per_remote_pair_s)))
+    return replace(cost, single=sc(cost.single), astra=sc(cost.astra), pre=sc(cost.pre),
+                   mid=sc(cost.mid), head_per_token_s=k * cost.head_per_token_s,
+                   exchange_s=k * cost.exchange_s)
+
+
+def calibrate(spec, inputs: torch.Tensor, codebooks, cost: ComputeCost, *,
+              repeats: int = 2, timeout_s: float = 600.0) -> Tuple[ComputeCost, dict]:
+    """Real launches on this machine (virtual clock, a link that costs nothing):
+    ``single`` and an astra split over 2 ranks, then over 4. Returns ``(cost scaled so
+    that it predicts the measured single time, with the exchange's overhead per layer
+    fitted to what the ranks measured beyond the scaled probe: a constant plus a part
+    per frame posted; what was measured)``. Causal LMs run on their first
+    :data:`CALIBRATION_TOKENS` tokens (cheaper; the scale and the per-layer overhead do
+    not depend on the length)."""
+    import statistics
+
+    from .costmodel import predict_astra, predict_single
+    from .job import Job, summarize
+    from .launcher import launch
+    from .links import LinkModel
+
+    n = cost.tokens
+    if cost.causal and n > CALIBRATION_TOKENS:
+        inputs, n = inputs[..., :CALIBRATION_TOKENS], CALIBRATION_TOKENS
+    free = LinkModel(1e6, 0.0)
+    kw = dict(output="compact", clock="virtual", repeats=repeats, warmup=1,
+              timeout_s=timeout_s)
+
+    def split(W):
+        return Job("astra", inputs, codebooks=codebooks, link=free, chunks=[
+            int(c.numel()) for c in torch.tensor_split(torch.arange(n), W)], **kw)
+    worlds = [W for W in (2, 4) if n >= W]
+    if not worlds:  # one token: nothing to split
+        return cost, dict(tokens=n)
+    runs = {}
+    for W in worlds:
+        jobs = ([Job("single", inputs, **kw)] if W == 2 else []) + [split(W)]
+        got = launch(spec, jobs, W)
+        if W == 2:
+            single_s = summarize(got[0])["latency_s"]
+        runs[W] = (jobs[-1].chunks, got[-1])
+    scale = single_s / predict_single(cost, n)
+    scaled = replace(_scaled(cost, scale), exchange_s=0.0, exchange_peer_s=0.0)
+    # per world: the frames a rank posts per layer, and its layer's time beyond the probe
+    rows, extra, info = [], [], dict(tokens=n, single_s=single_s, scale=scale)
+    for W, (chunks, res) in runs.items():
+        _, detail = predict_astra(scaled, chunks, [1.0] * W, free, detail=True)
+        gap = statistics.median(
+            statistics.median(t - w for t, w in zip(r["times"], r["waits"])) - d["compute_s"]
+            for r, d in zip(res, detail)) / cost.layers
+        rows.append((W - 1 if cost.causal else 2 * (W - 1), 0.0, 0.0))
+        extra.append(gap)
+        info[f"astra{W}_gap_s"] = gap
+    fit = fit_block(rows, [max(0.0, e) for e in extra], remote=False)
+    out = replace(scaled, exchange_s=fit.fixed_s, exchange_peer_s=fit.per_token_s)
+    info.update(exchange_s=out.exchange_s, exchange_peer_s=out.exchange_peer_s)
+    return out, info
 
 
 def _codebooks(inputs, codebooks):
@@ -238,18 +353,21 @@ def _describe(obj: Any) -> Any:
     return obj if isinstance(obj, (int, float, str, bool, type(None))) else str(obj)
 
 
-def compute_cost(spec, inputs: torch.Tensor, codebooks=None, *,
-                 model=None, refresh: bool = False, progress: bool = False) -> ComputeCost:
-    """:func:`measure` for the model a :class:`~astra.catalog.ModelSpec` builds, cached
-    under ``<cache>/costs`` by (model, inputs' shape, codebooks' bits, machine, torch
-    version); ``model``: the built model (else built on a cache miss)."""
+def compute_cost(spec, inputs: torch.Tensor, codebooks=None, *, model=None,
+                 refresh: bool = False, progress: bool = False,
+                 calibrated: bool = True) -> ComputeCost:
+    """:func:`measure` for the model a :class:`~astra.catalog.ModelSpec` builds, then
+    (``calibrated``, with codebooks) :func:`calibrate`, cached under ``<cache>/costs``
+    by (model, inputs' shape, codebooks' bits, machine, torch version); ``model``: the
+    built model (else built on a cache miss)."""
     from astra.cache import cache_path, write_atomic
 
     cb = _codebooks(inputs, codebooks)
     key = dict(spec=_describe(spec), shape=list(inputs.shape), dtype=str(inputs.dtype),
                codebooks=None if cb is None else f"{cb.kind} {tuple(cb.tensor.shape)} "
                f"{cb.stage_sizes}",
-               machine=_machine(), torch=torch.__version__, version=2)
+               machine=_machine(), torch=torch.__version__, version=4,
+               calibrated=bool(calibrated and cb is not None))
     path = cache_path("costs", "cost", key, suffix=".json")
     if path.exists() and not refresh:
         try:
@@ -259,6 +377,12 @@ def compute_cost(spec, inputs: torch.Tensor, codebooks=None, *,
     if model is None:
         model = spec.build()
     cost = measure(model, inputs, codebooks, progress=progress)
+    if calibrated and cb is not None:
+        from tqdm import tqdm
+        with tqdm(total=1, disable=not progress,
+                  desc="calibrating on 2- and 4-rank runs (once; cached)") as bar:
+            cost, _ = calibrate(spec, inputs, cb, cost)
+            bar.update()
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

@@ -85,7 +85,14 @@ def _output(job: Job, logits):
 
 def _setup_sequence(r: RankRun, codebooks) -> bool:
     import astra
+    from astra.attention import AstraAttention
     astra.patch(r.model, codebooks, communicator=r.comm, strict=False)
+    # the codebooks projected through W_k / W_v belong to the model as its weights do:
+    # made here, once, not inside the first request's time
+    with torch.no_grad():
+        for m in r.model.modules():
+            if isinstance(m, AstraAttention):
+                m.kernel_tables()
     return True
 
 
