@@ -35,24 +35,31 @@ def _median(res) -> float:
     return summarize(res)["latency_s"]
 
 
+def _cell(name: str, T: int, clock: str, repeats: int, warmup: int):
+    """A cell's prepared model, its (cached) cost, the jobs' options and the one-device
+    time: ``(prep, cost, job kwargs, single seconds)``."""
+    from astra import catalog
+    from astra.parallel import probe
+    from astra.parallel.runner import Job, launch
+    prep = catalog.prepare(name, T)
+    cost = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks)
+    kw = dict(output="compact", clock=clock, repeats=repeats, warmup=warmup, timeout_s=600.0)
+    return prep, cost, kw, _median(launch(prep.spec, [Job("single", prep.inputs, **kw)], 1)[0])
+
+
 def grid(cells: Sequence[Tuple[str, int]] = CELLS, links=LINKS, devices: int = 4,
          repeats: int = 1, warmup: int = 1, progress: bool = True) -> List[Dict]:
     """One row per (model, tokens, link); see the module docstring."""
     from tqdm import tqdm
 
-    from astra import catalog
-    from astra.parallel import planner, probe
+    from astra.parallel import planner
     from astra.parallel.costmodel import predict_astra, predict_single
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, default_chunks, launch
     rows = []
     bar = tqdm(total=len(cells), desc="plan grid", disable=not progress)
     for name, T in cells:
-        prep = catalog.prepare(name, T)
-        cost = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks)
-        kw = dict(output="compact", clock="virtual", repeats=repeats, warmup=warmup,
-                  timeout_s=600.0)
-        single_s = _median(launch(prep.spec, [Job("single", prep.inputs, **kw)], 1)[0])
+        prep, cost, kw, single_s = _cell(name, T, "virtual", repeats, warmup)
         lks = [LinkModel(bw, lat) for bw, lat in links]
         plans = [planner.plan(cost, [1.0] * devices, lk) for lk in lks]
         astra: Dict[int, List[float]] = {}
@@ -226,19 +233,13 @@ def wall(cells: Sequence[Tuple[str, int]] = WALL_CELLS, links=WALL_LINKS,
     ranks measured, one row per (model, tokens, link) and strategy."""
     import os
 
-    from astra import catalog
-    from astra.parallel import probe
     from astra.parallel.costmodel import predict_astra, predict_single
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, default_chunks, launch
     N = devices or max(2, min(4, os.cpu_count() or 2))
     rows = []
     for name, T in cells:
-        prep = catalog.prepare(name, T)
-        cost = probe.compute_cost(prep.spec, prep.inputs, prep.codebooks)
-        kw = dict(output="compact", clock="wall", repeats=repeats, warmup=warmup,
-                  timeout_s=600.0)
-        single_s = _median(launch(prep.spec, [Job("single", prep.inputs, **kw)], 1)[0])
+        prep, cost, kw, single_s = _cell(name, T, "wall", repeats, warmup)
         chunks = default_chunks(prep.content_tokens, N, _apk(cost))
         lks = [LinkModel(bw, lat) for bw, lat in links]
         split = launch(prep.spec, [Job("astra", prep.inputs, codebooks=prep.codebooks,

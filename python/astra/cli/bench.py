@@ -250,7 +250,8 @@ def _register_plan(bsub) -> None:
     p.add_argument("--parts", type=csv_choices("grid", "hetero", "dropout", "wall"),
                    default=["grid", "hetero", "dropout"],
                    help="comma-separated (default grid,hetero,dropout; wall: predicted "
-                   "against measured on the wall clock, as many ranks as cores); with "
+                   "against measured on the wall clock, as many ranks as cores, MiniLM, GPT-2 and "
+                   "SmolLM2 at 512 tokens); with "
                    "--json the parts not run are kept from the file")
     p.add_argument("--cells", type=pairs_of(str, positive_int),
                    help="model:tokens pairs, comma-separated (default: minilm, gpt2 at 128 "
