@@ -40,7 +40,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from .links import LinkModel
 
-__all__ = ["BlockCost", "ComputeCost", "steady", "pairs", "predict_single",
+__all__ = ["BlockCost", "ComputeCost", "steady", "pairs", "frames", "predict_single",
            "predict_astra", "rank_compute"]
 
 HEADER_BYTES = 44  # astra.parallel.wire.HEADER_BYTES (a test checks they agree)
@@ -101,22 +101,21 @@ class ComputeCost:
                 d[k] = BlockCost(**d[k])
         return cls(**d)
 
-    def exchange(self, peers: int) -> float:
-        """Seconds of one layer's exchange overhead for a rank posting ``peers`` frames
-        (sends and receives)."""
-        return self.exchange_s + self.exchange_peer_s * peers if peers else 0.0
+    def exchange(self, n_frames: int) -> float:
+        """Seconds of one layer's exchange overhead for a rank posting ``n_frames``
+        frames (sends and receives; see :func:`frames`)."""
+        return self.exchange_s + self.exchange_peer_s * n_frames if n_frames else 0.0
 
     def phases(self, n: int, lp: float, rp: float) -> tuple:
         """``(pre, mid, post)`` seconds of one astra block at speed 1 for a rank of
         ``n`` tokens with ``lp`` local and ``rp`` remote pairs (no exchange overhead)."""
-        total = self.astra(n, lp, rp)
         if self.pre is not None and self.mid is not None:
             a, b = self.pre(n, 0.0), self.mid(n, lp)
-            return a, b, max(0.0, total - a - b)
-        per_tok = self.astra.per_token_s * n
-        a = self.send_share * per_tok
-        b = self.local_share * per_tok + self.astra.per_pair_s * lp
-        return a, b, max(0.0, total - a - b)
+        else:
+            per_tok = self.astra.per_token_s * n
+            a = self.send_share * per_tok
+            b = self.local_share * per_tok + self.astra.per_pair_s * lp
+        return a, b, max(0.0, self.astra(n, lp, rp) - a - b)
 
 
 def steady(link: LinkModel) -> LinkModel:
@@ -141,11 +140,18 @@ def predict_single(cost: ComputeCost, n: Optional[int] = None, speed: float = 1.
     return (cost.head_per_token_s * n + cost.layers * cost.single(n, lp)) / speed
 
 
-def rank_compute(cost: ComputeCost, lo: int, hi: int, n: int, peers: int = 1) -> float:
+def frames(world: int, causal: bool) -> int:
+    """Frames every rank of ``world`` posts per layer (sends and receives): causal ranks
+    hear from the earlier ranks and send to the later ones, ``world - 1`` in all; the
+    others exchange with everyone both ways."""
+    return (world - 1) * (1 if causal else 2)
+
+
+def rank_compute(cost: ComputeCost, lo: int, hi: int, n: int, world: int) -> float:
     """Seconds of one block (speed 1) of the astra rank holding tokens ``[lo, hi)`` of
-    ``n``, its exchange's overhead with ``peers`` peers included."""
+    ``n`` in a run of ``world`` ranks, its exchange's overhead included."""
     lp, rp = pairs(lo, hi, n, cost.causal)
-    return cost.astra(hi - lo, lp, rp) + cost.exchange(peers)
+    return cost.astra(hi - lo, lp, rp) + cost.exchange(frames(world, cost.causal))
 
 
 def _frame(cost: ComputeCost, tokens: int) -> int:
@@ -171,9 +177,8 @@ def predict_astra(cost: ComputeCost, chunks: Sequence[int], speeds: Sequence[flo
     for r in range(W):
         lo = sum(chunks[:r])
         a, b, c = cost.phases(chunks[r], *pairs(lo, lo + chunks[r], T, causal))
-        peers = len(senders[r]) + sum(1 for d in range(W) if r in senders[d])
         pre.append(a / speeds[r])
-        mid.append((b + cost.exchange(peers)) / speeds[r])
+        mid.append((b + cost.exchange(frames(W, causal))) / speeds[r])
         post.append(c / speeds[r])
     end = [cost.head_per_token_s * chunks[r] / speeds[r] for r in range(W)]
     waits = [0.0] * W

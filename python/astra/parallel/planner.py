@@ -83,22 +83,22 @@ def balanced_chunks(cost: ComputeCost, n: int, speeds: Sequence[float]) -> List[
                 hi = n
             else:
                 a, b = lo + 1, cap  # largest hi in [a, b] that fits in tau
-                if _time(cost, lo, a, n, speeds[r]) > tau:
+                if _time(cost, lo, a, n, speeds[r], W) > tau:
                     return None
                 while a < b:
                     m = (a + b + 1) // 2
-                    if _time(cost, lo, m, n, speeds[r]) <= tau:
+                    if _time(cost, lo, m, n, speeds[r], W) <= tau:
                         a = m
                     else:
                         b = m - 1
                 hi = a
-            if _time(cost, lo, hi, n, speeds[r]) > tau:
+            if _time(cost, lo, hi, n, speeds[r], W) > tau:
                 return None
             out.append(hi - lo)
             lo = hi
         return out
 
-    lo_t, hi_t = 0.0, max(_time(cost, 0, n, n, s) for s in speeds) * 2 + 1e-9
+    lo_t, hi_t = 0.0, max(_time(cost, 0, n, n, s, W) for s in speeds) * 2 + 1e-9
     best = fill(hi_t)
     for _ in range(60):
         mid = (lo_t + hi_t) / 2
@@ -110,8 +110,8 @@ def balanced_chunks(cost: ComputeCost, n: int, speeds: Sequence[float]) -> List[
     return best
 
 
-def _time(cost: ComputeCost, lo: int, hi: int, n: int, speed: float) -> float:
-    return rank_compute(cost, lo, hi, n) / speed
+def _time(cost: ComputeCost, lo: int, hi: int, n: int, speed: float, world: int) -> float:
+    return rank_compute(cost, lo, hi, n, world) / speed
 
 
 def _refine(cost: ComputeCost, chunks: List[int], speeds: Sequence[float],

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence, Tuple
 import numpy as np
 import torch
 
-from .costmodel import BlockCost, ComputeCost, pairs
+from .costmodel import BlockCost, ComputeCost, frames, pairs
 
 __all__ = ["measure", "calibrate", "compute_cost", "fit_block"]
 
@@ -314,7 +314,7 @@ def calibrate(spec, inputs: torch.Tensor, codebooks, cost: ComputeCost, *,
         gap = statistics.median(
             statistics.median(t - w for t, w in zip(r["times"], r["waits"])) - d["compute_s"]
             for r, d in zip(res, detail)) / cost.layers
-        rows.append((W - 1 if cost.causal else 2 * (W - 1), 0.0, 0.0))
+        rows.append((frames(W, cost.causal), 0.0, 0.0))
         extra.append(gap)
         info[f"astra{W}_gap_s"] = gap
     fit = fit_block(rows, [max(0.0, e) for e in extra], remote=False)
