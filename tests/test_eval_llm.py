@@ -83,6 +83,38 @@ def test_tiny_codebooks_cost_perplexity_and_top1_counts_the_last_chunk(
     assert r["top1_agreement"] != float((one == astra).double().mean())
 
 
+def _kl_to_single(model, windows, codebooks, devices, skip):
+    """Mean per-token KL(single || Astra) of the next-token distributions past ``skip``,
+    computed from the logits directly (not through the loss under test)."""
+    ref = torch.log_softmax(_logits(model, windows)[:, skip:].double(), -1)
+    out = torch.log_softmax(_logits(model, windows, codebooks, devices)[:, skip:].double(), -1)
+    return float((ref.exp() * (ref - out)).sum(-1).mean())
+
+
+def test_next_token_kl_distillation_lowers_the_kl_and_leaves_the_weights(model, windows,
+                                                                          tiny_codebooks):
+    from astra.calibrate import distill
+    N = 4
+    batches = list(windows.split(1))
+    loss = ev.distill_loss(model, batches, N)
+    skip = T // N
+    with torch.no_grad():
+        targets = [ev._hidden(model, b) for b in batches]
+        # the loss is the KL of the logits past the first chunk (zero for equal outputs)
+        assert float(loss(targets[0], targets[0])) == pytest.approx(0.0, abs=1e-6)
+        with ev.patched(model, tiny_codebooks, N):
+            got = sum(float(loss(ev._hidden(model, b), t)) for b, t in zip(batches, targets))
+    before = _kl_to_single(model, windows, tiny_codebooks, N, skip)
+    assert got / len(batches) == pytest.approx(before, rel=1e-3)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    out = distill(model, tiny_codebooks, batches, targets, ev._hidden, devices=N, steps=20,
+                  lr=3e-2, loss=loss, progress=False)
+    after = _kl_to_single(model, windows, out, N, skip)
+    assert after < 0.9 * before, (before, after)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+
+
 def test_greedy_identical_counts_prompts_and_runs_single_first():
     calls = []
 

@@ -10,7 +10,9 @@ All methods leave the model's weights untouched (plug-and-play):
   so the ops take the S stages as S "groups" (smaller stages padded to the largest K).
 - ``distill`` (on top of either): gradient descent on the codebooks only, so that the
   patched model's output (simulate mode, N devices) matches the unpatched model's on
-  calibration inputs. The codes are re-chosen (nearest codeword) at every step.
+  calibration inputs. The codes are re-chosen (nearest codeword) at every step. The
+  loss is ``1 - cos`` of the output features (:func:`cos_loss`, encoders) or the
+  caller's (causal LLMs: :func:`next_token_kl`, KL of the next-token distributions).
 
 :func:`calibrate` runs a :class:`Method` and caches the result under
 :func:`astra.cache.cache_dir`, keyed by model identity, method, seed and data.
@@ -30,7 +32,11 @@ from .codebooks import Codebooks, collect_activations
 from .kmeans import INITS
 from .options import DISTILL_LR, KMEANS_INIT, KMEANS_ITERS, KMEANS_MAX_POINTS
 
-__all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "distill", "cache_path"]
+__all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "distill", "cache_path",
+           "cos_loss", "next_token_kl", "DistillLoss"]
+
+# ``(output, target, batch) -> scalar``: what a distillation step minimizes.
+DistillLoss = Callable[[Tensor, Tensor, object], Tensor]
 
 
 @dataclass(frozen=True)
@@ -190,7 +196,8 @@ def _fit_residual_per_layer(acts, rows, **kw) -> Codebooks:
 def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: Sequence[Tensor],
             forward: Callable[[nn.Module, object], Tensor], *, devices: int, steps: int,
             lr: float = 2e-3, batch_size: int = 1, seed: int = 0,
-            distributed_cls: Optional[bool] = None, progress: bool = True) -> Codebooks:
+            distributed_cls: Optional[bool] = None, loss: Optional[DistillLoss] = None,
+            progress: bool = True) -> Codebooks:
     """Fit ``codebooks`` to the model's output by gradient descent on the codebooks only.
 
     The model is patched (simulate mode, ``devices`` devices, the differentiable torch
@@ -209,6 +216,7 @@ def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: 
 
     if steps <= 0:
         return codebooks
+    loss_fn = loss or cos_loss
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -233,17 +241,17 @@ def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: 
                     if not order:
                         order = torch.randperm(len(batches), generator=gen).tolist()
                     idx.append(order.pop())
-                loss = 0.0
+                total = 0.0
                 for i in idx:
                     out = forward(model, batches[i])
-                    loss = loss + _cos_loss(out, targets[i], _mask_of(batches[i]))
-                loss = loss / len(idx)
+                    total = total + loss_fn(out, targets[i], batches[i])
+                total = total / len(idx)
                 opt.zero_grad()
-                loss.backward()
+                total.backward()
                 opt.step()
                 sched.step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{total.item():.4f}")
         tensor = torch.stack([a.codebook.detach().cpu() for a in attns])
     finally:
         unpatch(model)
@@ -257,6 +265,25 @@ def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: 
 
 def _mask_of(batch) -> Optional[Tensor]:
     return batch.get("attention_mask") if isinstance(batch, dict) else None
+
+
+def cos_loss(out: Tensor, ref: Tensor, batch=None) -> Tensor:
+    """The encoders' distillation loss: :func:`_cos_loss` over the batch's real tokens."""
+    return _cos_loss(out, ref, _mask_of(batch))
+
+
+def next_token_kl(head: nn.Module, skip: int = 0) -> DistillLoss:
+    """A causal LLM's distillation loss: ``KL(single || Astra)`` of the next-token
+    distributions, ``head`` (the LM head) applied to both last hidden states, mean over
+    the tokens past the first ``skip`` (the first device's chunk sees no codes: its
+    output is exact and only dilutes the mean)."""
+    def loss(out: Tensor, ref: Tensor, batch=None) -> Tensor:
+        s = torch.log_softmax(head(out[:, skip:]).float(), dim=-1)
+        with torch.no_grad():
+            t = torch.log_softmax(head(ref[:, skip:]).float(), dim=-1)
+        return torch.nn.functional.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True,
+                                          reduction="batchmean")
+    return loss
 
 
 def _cos_loss(out: Tensor, ref: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -275,8 +302,10 @@ def _cos_loss(out: Tensor, ref: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 # ------------------------------------------------------------------------ entry point
 
-def cache_path(model: nn.Module, method: Method, data_key: str, devices: int):
-    """Where :func:`calibrate` caches the codebooks of this model/method/data."""
+def cache_path(model: nn.Module, method: Method, data_key: str, devices: int,
+               loss_name: str = "cos"):
+    """Where :func:`calibrate` caches the codebooks of this model/method/data
+    (``loss_name``: the distillation loss, part of the key when distilling)."""
     from .cache import cache_path as artefact_path
     from .models import resolve
     ident = resolve(model)[1].identity(model)
@@ -287,6 +316,8 @@ def cache_path(model: nn.Module, method: Method, data_key: str, devices: int):
     spec = dict(spec, model=ident["model"], name=ident["name"],
                 config_hash=ident["config_hash"], data=data_key,
                 devices=devices if method.distill_steps else None)
+    if method.distill_steps and loss_name != "cos":  # keys of cos distillations unchanged
+        spec["loss"] = loss_name
     return artefact_path("codebooks", method.name.replace("+", "-"), spec, suffix=".safetensors")
 
 
@@ -305,13 +336,15 @@ def data_key(batches: Sequence) -> str:
 def calibrate(model: nn.Module, batches: Sequence, method: Method, *, devices: int = 4,
               forward: Optional[Callable] = None, distributed_cls: Optional[bool] = None,
               max_tokens: Optional[int] = None, cache: bool = True,
+              loss: Optional[DistillLoss] = None, loss_name: str = "cos",
               progress: bool = True, log: Callable[[str], None] = lambda s: None) -> Codebooks:
     """Codebooks for ``model`` by ``method`` on calibration ``batches`` (cached).
 
     ``forward(model, batch) -> [B, T, D]`` is needed for distillation (the features
-    whose cosine to the unpatched model's is maximized).
+    the distillation ``loss`` compares with the unpatched model's; default
+    :func:`cos_loss`, cached under ``loss_name``).
     """
-    path = cache_path(model, method, data_key(batches), devices) if cache else None
+    path = cache_path(model, method, data_key(batches), devices, loss_name) if cache else None
     if path is not None and path.exists():
         log(f"codebooks from cache {path}")
         return Codebooks.load(path, expect=model)
@@ -327,7 +360,7 @@ def calibrate(model: nn.Module, batches: Sequence, method: Method, *, devices: i
         cb = distill(model, cb, batches, targets, forward, devices=devices,
                      steps=method.distill_steps, lr=method.distill_lr,
                      batch_size=method.distill_batch, seed=method.seed,
-                     distributed_cls=distributed_cls, progress=progress)
+                     distributed_cls=distributed_cls, loss=loss, progress=progress)
     else:
         acts = collect_activations(model, batches, max_tokens=max_tokens)
         kw = dict(iters=method.iters, seed=method.seed, max_points=method.max_points,

@@ -228,9 +228,19 @@ def _load(model_name: str):
 
 
 def _hidden(model: nn.Module, batch: Tensor) -> Tensor:
-    """The features a distillation matches: the base model's last hidden state."""
+    """What a distillation runs: the base model's last hidden state (the LM head is
+    applied in the loss, to the positions it scores)."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     return base(input_ids=batch).last_hidden_state
+
+
+def distill_loss(model: nn.Module, batches: Sequence[Tensor], devices: int):
+    """The codebook distillation loss of a causal LLM: KL of the next-token
+    distributions (:func:`astra.calibrate.next_token_kl`) past the first device's chunk
+    of the calibration windows (they are all one length)."""
+    from .calibrate import next_token_kl
+    skip = len(chunk_layout(batches[0].shape[-1], devices).local_idx[0])
+    return next_token_kl(model.get_output_embeddings(), skip)
 
 
 def evaluate_llm(model_name: str, method: Method, devices: int = 4, *, text=None,
@@ -261,6 +271,7 @@ def evaluate_llm(model_name: str, method: Method, devices: int = 4, *, text=None
     t0 = time.perf_counter()
     batches = _calibration(source, tok, calib_text, calib_limit, positions)
     cb = calibrate(model, batches, method, devices=devices, forward=_hidden, cache=cache,
+                   loss=distill_loss(model, batches, devices), loss_name="kl",
                    progress=progress, log=log)
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -45,7 +45,9 @@ def register(subparsers) -> None:
     add_residual_options(p, "residual stages after the first (e.g. 16, or 256x9 for nine "
                          "stages of 256): G must be 1", "-1:4096,4096 for the last layer")
     p.add_argument("--distill", type=nonnegative_int, default=0, metavar="STEPS",
-                   help="codebook distillation steps after k-means (0: none)")
+                   help="codebook distillation steps after k-means (0: none): the codebooks "
+                   "alone learn to match one device's output (encoders: cosine of the "
+                   "hidden states; causal LLMs: KL of the next-token distributions)")
     p.add_argument("--distill-lr", type=positive_float, default=DISTILL_LR)
     p.add_argument("--iters", type=positive_int, help=f"Lloyd iterations (default {KMEANS_ITERS}; "
                    f"causal LLMs {LLM_CALIB_ITERS}, as the catalogue's cached codebooks)")
