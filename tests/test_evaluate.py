@@ -6,7 +6,7 @@ import torch
 
 import astra
 from astra import Codebooks
-from astra.calibrate import Method, calibrate, distill, fit_residual
+from astra.calibrate import Method, calibrate, cos_loss, distill, fit_residual
 
 
 def _blobs(n=400, d=8, centers=6, seed=0):
@@ -189,6 +189,15 @@ def test_calibrate_caches_by_method(tmp_path, monkeypatch):
     calibrate(model, batches, Method(codebook_size=8, iters=2, stages=(2,)), progress=False)
     calibrate(model, _ids(2, seed=1), Method(codebook_size=8, iters=2), progress=False)
     assert len(list((tmp_path / "codebooks").iterdir())) == 3
+    # a distillation is cached under its loss: another loss is another file
+    m = Method(codebook_size=8, iters=2, distill_steps=1)
+    calibrate(model, batches, m, forward=_hidden, progress=False)
+    n = len(list((tmp_path / "codebooks").iterdir()))
+    calibrate(model, batches, m, forward=_hidden, progress=False)
+    assert len(list((tmp_path / "codebooks").iterdir())) == n
+    calibrate(model, batches, m, forward=_hidden, loss=cos_loss, loss_name="other",
+              progress=False)
+    assert len(list((tmp_path / "codebooks").iterdir())) == n + 1
 
 
 # --------------------------------------------------------------------------- astra eval
