@@ -148,7 +148,7 @@ def test_size_one_stages_are_folded_for_the_kernels_and_change_nothing():
 # ---------------------------------------------------------------------- distillation
 
 def test_distill_moves_only_the_codebooks_and_lowers_the_loss():
-    from astra.calibrate import _cos_loss
+    from astra.objectives import _cos_loss
     model = _bert()
     batches = _ids(4)
     cb = Codebooks.fit(astra.collect_activations(model, batches), 1, 4, iters=4,

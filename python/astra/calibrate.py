@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .codebooks import Codebooks, collect_activations
 from .kmeans import INITS
+from .objectives import cos_loss, kl_divergence
 from .options import DISTILL_LR, KMEANS_INIT, KMEANS_ITERS, KMEANS_MAX_POINTS
 
 __all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "distill", "cache_path",
@@ -263,41 +264,16 @@ def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: 
     return out
 
 
-def _mask_of(batch) -> Optional[Tensor]:
-    return batch.get("attention_mask") if isinstance(batch, dict) else None
-
-
-def cos_loss(out: Tensor, ref: Tensor, batch=None) -> Tensor:
-    """The encoders' distillation loss: :func:`_cos_loss` over the batch's real tokens."""
-    return _cos_loss(out, ref, _mask_of(batch))
-
-
 def next_token_kl(head: nn.Module, skip: int = 0) -> DistillLoss:
     """A causal LLM's distillation loss: ``KL(single || Astra)`` of the next-token
     distributions, ``head`` (the LM head) applied to both last hidden states, mean over
     the tokens past the first ``skip`` (the first device's chunk sees no codes: its
     output is exact and only dilutes the mean)."""
     def loss(out: Tensor, ref: Tensor, batch=None) -> Tensor:
-        s = torch.log_softmax(head(out[:, skip:]).float(), dim=-1)
         with torch.no_grad():
-            t = torch.log_softmax(head(ref[:, skip:]).float(), dim=-1)
-        return torch.nn.functional.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True,
-                                          reduction="batchmean")
+            teacher = head(ref[:, skip:])
+        return kl_divergence(head(out[:, skip:]), teacher)
     return loss
-
-
-def _cos_loss(out: Tensor, ref: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """``1 - cos`` per token (mean over real tokens) plus ``1 - cos`` of the mean-pooled
-    vectors (what a sentence embedding sees)."""
-    out, ref = out.float(), ref.float()
-    if mask is None:
-        mask = torch.ones(out.shape[:2], dtype=out.dtype)
-    m = mask.to(out.dtype)
-    tok = ((1 - torch.cosine_similarity(out, ref, dim=-1)) * m).sum() / m.sum()
-    po = (out * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
-    pr = (ref * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
-    pooled = (1 - torch.cosine_similarity(po, pr, dim=-1)).mean()
-    return tok + pooled
 
 
 # ------------------------------------------------------------------------ entry point

@@ -2,20 +2,45 @@
 
 :func:`astra.finetune.finetune` adds the task loss (where batches carry labels) and the
 distillation loss from a frozen copy of the unpatched model; :func:`objective_for`
-picks the built-in objective of a model.
+picks the built-in objective of a model. The losses (:func:`kl_divergence`,
+:func:`cos_loss`) are also what :mod:`astra.calibrate`'s codebook distillation minimizes.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Objective", "ClassificationObjective", "LMObjective", "HiddenObjective",
-           "objective_for"]
+           "objective_for", "kl_divergence", "cos_loss"]
 
 
-def _kl(student: Tensor, teacher: Tensor, T: float) -> Tensor:
+def cos_loss(out: Tensor, ref: Tensor, batch=None) -> Tensor:
+    """The encoders' distillation loss: :func:`_cos_loss` over the batch's real tokens
+    (its ``attention_mask`` when it is a dict that has one)."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return _cos_loss(out, ref, mask)
+
+
+def _cos_loss(out: Tensor, ref: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """``1 - cos`` per token (mean over real tokens) plus ``1 - cos`` of the mean-pooled
+    vectors (what a sentence embedding sees)."""
+    out, ref = out.float(), ref.float()
+    if mask is None:
+        mask = torch.ones(out.shape[:2], dtype=out.dtype)
+    m = mask.to(out.dtype)
+    tok = ((1 - torch.cosine_similarity(out, ref, dim=-1)) * m).sum() / m.sum()
+    po = (out * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+    pr = (ref * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+    pooled = (1 - torch.cosine_similarity(po, pr, dim=-1)).mean()
+    return tok + pooled
+
+
+def kl_divergence(student: Tensor, teacher: Tensor, T: float = 1.0) -> Tensor:
+    """``KL(teacher || student)`` of the softmax distributions of logits ``[..., V]`` at
+    temperature ``T``, mean over the rows, scaled by ``T²``."""
     s = F.log_softmax(student.float() / T, dim=-1)
     t = F.log_softmax(teacher.float() / T, dim=-1)
     return F.kl_div(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]),
@@ -55,7 +80,7 @@ class ClassificationObjective(Objective):
         return None if y is None else F.cross_entropy(out.float(), y)
 
     def distill_loss(self, out, ref, batch, temperature):
-        return _kl(out, ref, temperature)
+        return kl_divergence(out, ref, temperature)
 
 
 class LMObjective(Objective):
@@ -72,7 +97,7 @@ class LMObjective(Objective):
         return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1))
 
     def distill_loss(self, out, ref, batch, temperature):
-        return _kl(out, ref, temperature)
+        return kl_divergence(out, ref, temperature)
 
 
 class HiddenObjective(Objective):
@@ -86,8 +111,7 @@ class HiddenObjective(Objective):
         return base(**batch).last_hidden_state
 
     def distill_loss(self, out, ref, batch, temperature):
-        from .calibrate import _cos_loss
-        return _cos_loss(out, ref, batch.get("attention_mask"))
+        return cos_loss(out, ref, batch)
 
 
 def objective_for(model: nn.Module) -> Objective:
