@@ -25,7 +25,8 @@ FLOORS = [
     ("catalogue", ["astra.catalog", "astra.zoo"]),
     ("core", ["astra", "astra.attention", "astra.layout", "astra.kmeans", "astra.codebooks",
               "astra.calibrate", "astra.models", "astra.patch", "astra.cache", "astra.data",
-              "astra.checkpoint", "astra.generation", "astra.remote", "astra.objectives",
+              "astra.checkpoint", "astra.generation", "astra.remote", "astra.codes",
+              "astra.objectives",
               "astra.options"]),
     ("kernels", ["astra_kernels"]),
 ]

@@ -56,19 +56,14 @@ from torch import Tensor, nn
 import astra_kernels
 
 from . import remote as _remote
+from .codes import LayerCodes
 from .layout import ChunkLayout, chunk_layout, key_padding, mask_bias
-from .remote import CodeSource, KVSource, RemoteSource, Rope, chunk_kernel
+from .remote import KVSource, RemoteSource, Rope, chunk_kernel
 
 ProjectedTables, KernelTables = _remote.ProjectedTables, _remote.KernelTables
 
 __all__ = ["AstraAttention", "Communicator", "ChunkLayout", "chunk_layout", "ProjectedTables",
            "KernelTables"]
-
-# Projected tables pk/pv (2·G·K·Hkv·d elements) are built and cached per layer when
-# they fit this budget; larger ones are not built: the kernel path then gets remote
-# K/V projected from X̂ instead (the "plain path" of DESIGN.md).
-TABLE_BUDGET_ELEMS = 1 << 24
-
 
 @runtime_checkable
 class Communicator(Protocol):
@@ -98,7 +93,7 @@ def _softmax(scores: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
-class AstraAttention(nn.Module):
+class AstraAttention(LayerCodes, nn.Module):
     """Self-attention that emulates (or runs) N devices joined by a VQ link.
 
     A base class: one subclass per model family (:mod:`astra.models`) provides the
@@ -131,6 +126,7 @@ class AstraAttention(nn.Module):
         self.attn_dropout_p = float(attn_dropout)  # (GPT-2 has a submodule attn_dropout)
         self.register_buffer("codebook", None, persistent=False)
         self.stage_sizes: Optional[Tuple[int, ...]] = None  # residual codebook (configure)
+        self.target = "x"  # what the codebook quantizes: X, or "kv" ([k; v], configure)
         self.devices = 1
         self.distributed_cls = False
         self.communicator: Optional[Communicator] = None
@@ -198,7 +194,8 @@ class AstraAttention(nn.Module):
     def configure(self, *, codebook: Optional[Tensor] = None, devices: int = 1,
                   distributed_cls: bool = False, communicator: Optional[Communicator] = None,
                   use_kernels: Optional[bool] = None, cls_state=None,
-                  stage_sizes: Optional[Sequence[int]] = None) -> "AstraAttention":
+                  stage_sizes: Optional[Sequence[int]] = None,
+                  target: str = "x") -> "AstraAttention":
         """Set the layer's codebook ``[G, K, D/G]`` (or None), device count and mode.
 
         ``stage_sizes``: the codebook is *residual* ``[S, K, D]``: stage s (its first
@@ -206,7 +203,13 @@ class AstraAttention(nn.Module):
         the stages before it left; ``X̂`` is the sum of the S chosen rows. A token is
         still S codes and a remote key still a sum of S table rows (see
         :meth:`projected_tables`), so the ops take it as G=S groups.
+
+        ``target``: what the codebook quantizes: ``"x"`` (the attention input, width D)
+        or ``"kv"`` (the token's pre-RoPE key and value, ``[k; v]`` of width
+        ``2·Hkv·d``; see :meth:`kv_vector`).
         """
+        if target not in ("x", "kv"):
+            raise ValueError(f"target must be 'x' or 'kv', got {target!r}")
         if codebook is not None:
             if codebook.dim() != 3:
                 raise ValueError(f"codebook must be [G, K, D/G], got {tuple(codebook.shape)}")
@@ -218,8 +221,16 @@ class AstraAttention(nn.Module):
                     not all(1 <= k <= codebook.shape[1] for k in stage_sizes):
                 raise ValueError(f"stage_sizes {stage_sizes} do not fit the codebook "
                                  f"{None if codebook is None else tuple(codebook.shape)}")
+        if codebook is not None and target == "kv":
+            width = codebook.shape[-1] * (1 if stage_sizes is not None else codebook.shape[0])
+            if width != 2 * self.num_kv_heads * self.head_dim:
+                raise ValueError(f"a 'kv' codebook of layer {self.layer_idx} must be "
+                                 f"{2 * self.num_kv_heads * self.head_dim} wide (2 x "
+                                 f"{self.num_kv_heads} KV heads x {self.head_dim}), got "
+                                 f"{tuple(codebook.shape)}")
         self.codebook = codebook
         self.stage_sizes = stage_sizes
+        self.target = target
         self.devices = int(devices)
         self.distributed_cls = bool(distributed_cls)
         self.communicator = communicator
@@ -234,92 +245,11 @@ class AstraAttention(nn.Module):
     def extra_repr(self) -> str:
         cb = "none" if self.codebook is None else "x".join(map(str, self.codebook.shape))
         mode = "distributed" if self.communicator is not None else "simulate"
+        if self.codebook is not None and self.target != "x":
+            cb += f" ({self.target})"
         return (f"layer={self.layer_idx}, heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"causal={self.causal}, devices={self.devices}, codebook={cb}, mode={mode}, "
                 f"distributed_cls={self.distributed_cls}")
-
-    # ------------------------------------------------------------ quantization
-    def encode(self, x: Tensor) -> Tensor:
-        """Codes ``int32 [..., G]`` of the attention input ``x [..., D]``."""
-        if self.stage_sizes is not None:
-            cb = self.codebook.detach()
-            r = x.detach().float()
-            codes = []
-            for s, k in enumerate(self.stage_sizes):  # each stage codes the residual left
-                c = astra_kernels.vq_encode(r, cb[s:s + 1, :k])
-                r = r - cb[s, c[..., 0].long()]
-                codes.append(c)
-            return torch.cat(codes, dim=-1)
-        return astra_kernels.vq_encode(x.detach(), self.codebook)
-
-    def dequantize(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
-        """``X̂ [..., D]`` from codes (differentiable in the codebook; -1 gives zeros)."""
-        cb = self.codebook
-        G, K, dg = cb.shape
-        safe = codes.long().clamp(0, K - 1)
-        xq = cb[torch.arange(G, device=cb.device), safe]  # [..., G, dg]
-        if self.stage_sizes is not None:
-            return xq.sum(-2).to(dtype)
-        return xq.reshape(*codes.shape[:-1], G * dg).to(dtype)
-
-    def projected_tables(self) -> Optional[ProjectedTables]:
-        """``(pk, pv) [G, K, Hkv, d]``: codeword g of the codebook through the matching
-        rows of W_k / W_v, biases folded into group 0; cached until the weights or the
-        codebook change. A key map that is not affine (e.g. a key norm) gets exact tables
-        only with one group and one stage (a remote token is then one codeword: its row
-        is the codeword's key). None when there is no codebook, no exact table, or the
-        tables exceed :data:`TABLE_BUDGET_ELEMS`."""
-        aff = self.kv_affine()
-        if self.codebook is None:
-            return None
-        G, K, dg = self.codebook.shape
-        whole = aff is None and G == 1 and self.stage_sizes is None
-        if (aff is None and not whole) or \
-                2 * G * K * self.num_kv_heads * self.head_dim > TABLE_BUDGET_ELEMS:
-            return None
-        deps = [t for t in (aff or self.parameters()) if t is not None]
-        key = (self.codebook.data_ptr(), self.codebook._version, self.stage_sizes,
-               tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in deps))
-        if self._tables_key == key:
-            return self._tables
-        with torch.no_grad():
-            if whole:  # each codeword through the module's own key/value map
-                ref = self._ref_param()
-                k, v = self.project_kv(self.codebook.to(ref.dtype))  # [1, Hkv, K, d]
-                tabs = ProjectedTables(k.transpose(1, 2), v.transpose(1, 2))
-            else:
-                tabs = _remote.affine_tables(self.codebook, self.stage_sizes, aff,
-                                             self.num_kv_heads, self.head_dim)
-        self._tables, self._tables_key = tabs, key
-        self._folded = None
-        return self._tables
-
-    def kernel_tables(self) -> Optional[KernelTables]:
-        """``(cols, pk, pv)`` for the kernels: :meth:`projected_tables` with every
-        residual stage of size 1 folded into stage 0's table (its code is always 0, so
-        its row is a constant offset), ``cols`` the code columns that remain (None: all).
-        Layers given more stages elsewhere (per-layer budgets) then run as G=1 again,
-        which keeps the kernels' codebook-space path. None where
-        :meth:`projected_tables` is None."""
-        tabs = self.projected_tables()
-        if tabs is None:
-            return None
-        if self._folded is None:
-            self._folded = _remote.fold_stages(tabs, self.stage_sizes)
-        return self._folded
-
-    def _code_source(self, codes: Tensor, dtype: torch.dtype,
-                     rope: Optional[Rope] = None) -> Optional[CodeSource]:
-        """``codes`` for the kernels (the columns that :meth:`kernel_tables` keeps) with
-        their tables (and the remote tokens' cos/sin), or None without tables or when
-        the kernels do not rotate remote keys (:data:`astra.remote.ROPE_IN_KERNEL`)."""
-        if rope is not None and not _remote.ROPE_IN_KERNEL:
-            return None
-        kt = self.kernel_tables()
-        if kt is None:
-            return None
-        return CodeSource(codes if kt.cols is None else codes[..., kt.cols],
-                          kt.pk.to(dtype), kt.pv.to(dtype), rope)
 
     # ----------------------------------------------------------------- forward
     def attend(self, x: Tensor, mask: Optional[Tensor] = None, *, cache=None,
@@ -399,10 +329,10 @@ class AstraAttention(nn.Module):
         quantized = self.codebook is not None and layout.devices > 1
         if quantized:
             if self.training and self.quantizer is not None:
-                xq = self.quantizer(self, x, layout)  # fine-tuning: STE (+ noise)
+                xq = self.quantizer(self, self.quant_input(x), layout)  # STE (+ noise)
             else:
                 xq = self.dequantize(self.encode(x), x.dtype)
-            kq, vq = self.project_kv(xq)
+            kq, vq = self.remote_kv(xq)
             kq, vq = _repeat_kv(self._rot_k(kq, rope), rep), _repeat_kv(vq, rep)
             scores_q = torch.matmul(q, kq.transpose(-1, -2)) * self.scale
             scores = torch.where(same, scores, scores_q)  # exact within a device
@@ -435,7 +365,7 @@ class AstraAttention(nn.Module):
         src = self._code_source(codes, x.dtype, rope)
         if src is not None:
             return src
-        kq, vq = self.project_kv(self.dequantize(codes, x.dtype))
+        kq, vq = self.remote_kv(self.dequantize(codes, x.dtype))
         return KVSource(self._rot_k(kq, rope), vq)
 
     def _simulate_kernel(self, x, q, k, v, layout: ChunkLayout, valid, causal,
@@ -471,8 +401,13 @@ class AstraAttention(nn.Module):
         if Tn - first < 1:
             raise ValueError(f"rank {r} got no tokens to attend with")
         send = x[:, first:]
+        qkv = None
         if self.codebook is not None:
-            payload = self.encode(send)
+            if self.target == "kv":  # the codes are of the keys/values attention needs too
+                qkv = self.project_qkv(x)
+                payload = self.vq(self.kv_vector(qkv[1][:, :, first:], qkv[2][:, :, first:]))
+            else:
+                payload = self.encode(send)
             if valid is not None:
                 payload = payload.masked_fill(~valid[:, first:].unsqueeze(-1), -1)
         else:
@@ -482,7 +417,7 @@ class AstraAttention(nn.Module):
             self.codebook is None or _remote.ROPE_IN_KERNEL))  # positions known up front
         if (start is not None and ok and valid is None and self._kernel_ok(x) and rope_ok
                 and (self.codebook is None or self.projected_tables() is not None)):
-            return self._attend_overlapped(x, payload, start, causal, first, cache)
+            return self._attend_overlapped(x, payload, start, causal, first, cache, qkv)
         got = list(comm.exchange(self.layer_idx, payload))
         if len(got) != W:
             raise RuntimeError(f"communicator returned {len(got)} payloads for world_size={W}")
@@ -496,7 +431,7 @@ class AstraAttention(nn.Module):
         self._check_window(sum(lens))
         rope = self._rope_at(x, torch.arange(sum(lens), device=x.device))
         rl, rr = (None, None) if rope is None else (rope.take(qpos), rope.take(rpos))
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x) if qkv is None else qkv
         q, k = self._rot(q, k, rl)
         remote_payload = (torch.cat([got[j].to(x.device) for j in others], dim=1)
                           if others else payload[:, :0])
@@ -514,11 +449,11 @@ class AstraAttention(nn.Module):
             remote = (self._code_source(remote_payload, x.dtype, rr)
                       if self.codebook is not None else None)
             if remote is None:
-                kr, vr = self.project_kv(xr)
+                kr, vr = self.remote_kv(xr)
                 remote = KVSource(self._rot_k(kr, rr), vr)
             o = chunk_kernel(q, k, v, remote, valid, rvalid, causal, qpos, rpos, self.scale)
         else:
-            kr, vr = self.project_kv(xr)
+            kr, vr = self.remote_kv(xr)
             kr = self._rot_k(kr, rr)
             drop = self.attn_dropout_p if self.training else 0.0
             o = _remote.chunk_torch(q, k, v, kr, vr, bias, rvalid, causal, qpos, rpos,
@@ -526,15 +461,16 @@ class AstraAttention(nn.Module):
         return o.transpose(1, 2).reshape(B, Tn, self.num_heads * self.head_dim)
 
     def _attend_overlapped(self, x: Tensor, payload: Tensor, start, causal: bool,
-                           first: int, cache=None) -> Tensor:
+                           first: int, cache=None, qkv=None) -> Tensor:
         """Distributed, overlapped: start the exchange, attend to the local tokens while
         the bytes travel, then to the received ones, and merge the two partials by their
-        log-sum-exp (no padding; kernels; remote K/V from the projected tables)."""
+        log-sum-exp (no padding; kernels; remote K/V from the projected tables).
+        ``qkv``: the unrotated projections when the payload needed them already."""
         comm = self.communicator
         B, Tn, _ = x.shape
         r, W = int(comm.rank), int(comm.world_size)
         handle = start(self.layer_idx, payload)
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x) if qkv is None else qkv
         lpos = (torch.arange(Tn, device=x.device) - first).clamp_min(0)
         rope = None
         if self.rotary is not None:  # no class copies with RoPE: send_tokens are the chunks

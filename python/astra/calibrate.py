@@ -3,7 +3,8 @@
 All methods leave the model's weights untouched (plug-and-play):
 
 - ``kmeans``: per layer and group, k-means on the attention input X
-  (:meth:`Codebooks.fit`); the baseline.
+  (:meth:`Codebooks.fit`); the baseline. With ``target="kv"`` every method works on
+  ``[k; v]`` (each token's pre-RoPE key and value, :func:`kv_activations`) instead.
 - ``residual``: a first full-width codebook (G=1, K codewords) refined by further
   stages, each a k-means on what the stages before it left (residual VQ). A token is
   S codes, ``sum_s ceil(log2 K_s)`` bits; a remote key is still a sum of S table rows,
@@ -28,7 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .codebooks import Codebooks, collect_activations
+from .codebooks import TARGETS, Codebooks, collect_activations, kv_activations
 from .kmeans import INITS
 from .objectives import cos_loss, kl_divergence
 from .options import DISTILL_LR, KMEANS_INIT, KMEANS_ITERS, KMEANS_MAX_POINTS
@@ -59,6 +60,8 @@ class Method:
         max_points: k-means points per layer (a random subset; None: all).
         init: k-means init (``"sampled"``, ``"k-means++"``, ``"random"``).
         seed: seeds k-means and the distillation's batch order.
+        target: what the codebooks quantize: ``"x"`` (the attention input) or ``"kv"``
+            (the pre-RoPE key and the value, ``[k; v]``).
     """
 
     groups: int = 1
@@ -72,6 +75,7 @@ class Method:
     max_points: Optional[int] = KMEANS_MAX_POINTS
     init: str = KMEANS_INIT
     seed: int = 0
+    target: str = "x"
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(int(k) for k in self.stages))
@@ -83,6 +87,8 @@ class Method:
             raise ValueError(f"bad method {self}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
 
     @property
     def name(self) -> str:
@@ -128,22 +134,26 @@ class Method:
         for li, ks in self.layer_stages:
             sizes += f", layer {li}: " + "+".join(map(str, (self.codebook_size,) + ks))
         d = f", distill {self.distill_steps} steps" if self.distill_steps else ""
-        return f"{self.name} ({sizes}{d})"
+        t = "" if self.target == "x" else ", of [k; v]"
+        return f"{self.name} ({sizes}{t}{d})"
 
 
 # ------------------------------------------------------------------------ k-means
 
 def fit_kmeans(acts: Sequence[Tensor], groups: int, codebook_size: int, *, iters: int = 12,
                seed: int = 0, max_points: Optional[int] = 32768, init: str = "sampled",
-               model: Optional[nn.Module] = None, progress: bool = True) -> Codebooks:
+               model: Optional[nn.Module] = None, progress: bool = True,
+               target: str = "x") -> Codebooks:
     """Plain k-means codebooks (see :meth:`Codebooks.fit`)."""
     return Codebooks.fit(acts, groups, codebook_size, iters=iters, seed=seed,
-                         progress=progress, init=init, model=model, max_points=max_points)
+                         progress=progress, init=init, model=model, max_points=max_points,
+                         target=target)
 
 
 def fit_residual(acts: Sequence[Tensor], stage_sizes, *, iters: int = 12,
                  seed: int = 0, max_points: Optional[int] = 32768, init: str = "sampled",
-                 model: Optional[nn.Module] = None, progress: bool = True) -> Codebooks:
+                 model: Optional[nn.Module] = None, progress: bool = True,
+                 target: str = "x") -> Codebooks:
     """Residual codebooks ``[L, S, max K, D]``: stage s is k-means (G=1) on the residual
     the stages before it left. Rows past a stage's own size are zero padding.
     ``stage_sizes``: one tuple for all layers, or one per layer (equal lengths)."""
@@ -151,7 +161,7 @@ def fit_residual(acts: Sequence[Tensor], stage_sizes, *, iters: int = 12,
         rows = [tuple(int(k) for k in r) for r in stage_sizes]
         return _fit_residual_per_layer(acts, rows, iters=iters, seed=seed,
                                        max_points=max_points, init=init, model=model,
-                                       progress=progress)
+                                       progress=progress, target=target)
     stage_sizes = tuple(int(k) for k in stage_sizes)
     gen = torch.Generator().manual_seed(int(seed))
     xs = []
@@ -166,12 +176,12 @@ def fit_residual(acts: Sequence[Tensor], stage_sizes, *, iters: int = 12,
     first = None
     for s, k in enumerate(stage_sizes):
         cb = Codebooks.fit(xs, 1, k, iters=iters, seed=seed + s, progress=progress,
-                           init=init, model=model)
+                           init=init, model=model, target=target)
         first = first or cb
         out[:, s, :k] = cb.tensor[:, 0]
         xs = [x - cb.decode(li, cb.encode(li, x)) for li, x in enumerate(xs)]
     return Codebooks(out, model=first.model, name=first.name, config_hash=first.config_hash,
-                     stage_sizes=stage_sizes)
+                     stage_sizes=stage_sizes, target=target)
 
 
 def _fit_residual_per_layer(acts, rows, **kw) -> Codebooks:
@@ -180,6 +190,7 @@ def _fit_residual_per_layer(acts, rows, **kw) -> Codebooks:
     if len(rows) != L or any(len(r) != S for r in rows):
         raise ValueError(f"need {L} stage lists of one length, got {rows}")
     model = kw.pop("model", None)
+    target = kw.get("target", "x")
     parts = [fit_residual([a], r, **kw) for a, r in zip(acts, rows)]
     out = torch.zeros(L, S, max(max(r) for r in rows), acts[0].shape[-1])
     for li, p in enumerate(parts):
@@ -189,7 +200,7 @@ def _fit_residual_per_layer(acts, rows, **kw) -> Codebooks:
         from .models import resolve
         idn = resolve(model)[1].identity(model)
         ident = {k: idn[k] for k in ("model", "name", "config_hash")}
-    return Codebooks(out, stage_sizes=rows, **ident)
+    return Codebooks(out, stage_sizes=rows, target=target, **ident)
 
 
 # ------------------------------------------------------------------------ distillation
@@ -294,6 +305,8 @@ def cache_path(model: nn.Module, method: Method, data_key: str, devices: int,
                 devices=devices if method.distill_steps else None)
     if method.distill_steps and loss_name != "cos":  # keys of cos distillations unchanged
         spec["loss"] = loss_name
+    if method.target == "x":  # keys made before there were targets stay as they were
+        spec.pop("target")
     return artefact_path("codebooks", method.name.replace("+", "-"), spec, suffix=".safetensors")
 
 
@@ -339,8 +352,10 @@ def calibrate(model: nn.Module, batches: Sequence, method: Method, *, devices: i
                      distributed_cls=distributed_cls, loss=loss, progress=progress)
     else:
         acts = collect_activations(model, batches, max_tokens=max_tokens)
+        if method.target == "kv":
+            acts = kv_activations(model, acts)
         kw = dict(iters=method.iters, seed=method.seed, max_points=method.max_points,
-                  init=method.init, model=model, progress=progress)
+                  init=method.init, model=model, progress=progress, target=method.target)
         if method.layer_stages:
             cb = fit_residual(acts, method.layer_stage_sizes(len(acts)), **kw)
         elif method.stages:

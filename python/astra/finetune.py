@@ -147,7 +147,9 @@ class FinetuneConfig:
 class NoiseAugmentedQuantizer:
     """The training-time quantizer :class:`AstraAttention` calls for remote embeddings.
 
-    ``q(module, x, layout)`` returns what the remote keys/values are computed from:
+    ``q(module, x, layout)`` (``x``: what the codebook quantizes, the attention input or
+    ``[k; v]``, :meth:`AstraAttention.quant_input`) returns what the remote keys/values
+    are computed from:
     ``x + sg(x̂ - x)`` (+ ``x̂ - sg(x̂)`` in ``"grad"`` mode, + NAQ noise when
     ``noise > 0``), ``x̂`` being the nearest codeword(s). It also records, per layer, the
     auxiliary loss (commitment, codebook) and the statistics that the EMA update and
@@ -170,7 +172,7 @@ class NoiseAugmentedQuantizer:
         self._stats: Dict[int, Dict[str, Tensor]] = {}
 
     def __call__(self, module: AstraAttention, x: Tensor, layout: ChunkLayout) -> Tensor:
-        codes = module.encode(x)                        # nearest codewords, no gradient
+        codes = module.vq(x)                            # nearest codewords, no gradient
         xhat = module.dequantize(codes, torch.float32)  # differentiable in the codebook
         xf = x.float()
         out = xf + (xhat - xf).detach()                 # straight-through: value x̂

@@ -204,8 +204,9 @@ def record(m, cache, k: Tensor, v: Tensor, pos: Tensor, x: Tensor,
 
 
 def projected(m, xr: Tensor, rope: Optional[Rope]) -> tuple:
-    """Keys (rotated by ``rope``) and values of the attention inputs ``xr``."""
-    k, v = m.project_kv(xr)
+    """Keys (rotated by ``rope``) and values of remote tokens from ``xr``: their
+    attention inputs (X̂, or X without a codebook) or, for ``"kv"`` codebooks, ``[k; v]``."""
+    k, v = m.remote_kv(xr)
     return m._rot_k(k, rope), v
 
 

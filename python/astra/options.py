@@ -35,6 +35,7 @@ KMEANS_MAX_POINTS = 32768  # k-means points per layer (a random subset)
 KMEANS_INIT = "sampled"
 # astra.evaluate_llm / astra.catalog.llm: causal LLMs' codebooks (the same cached ones)
 LLM_CALIB_ITERS = 8
+QUANTIZE_TARGETS = ("x", "kv")  # what codebooks quantize (astra.codebooks.TARGETS)
 GREEDY_TOKENS = 32      # greedy tokens compared per prompt (``greedy32_identical``)
 
 # ------------------------------------------------------------------------------ fine-tuning

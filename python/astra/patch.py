@@ -110,9 +110,10 @@ def patch(model: nn.Module, codebooks: Union[Codebooks, str, PathLike, None] = N
     if codebooks is not None:
         if not isinstance(codebooks, Codebooks):
             codebooks = Codebooks.load(codebooks, expect=ident if strict else
-                                       {k: ident[k] for k in ("num_layers", "dim")})
+                                       {k: ident[k] for k in ("num_layers", "dim", "kv_dim")})
         else:
-            codebooks.check(ident if strict else {k: ident[k] for k in ("num_layers", "dim")})
+            codebooks.check(ident if strict else
+                            {k: ident[k] for k in ("num_layers", "dim", "kv_dim")})
 
     slots = adapter.attention_slots(model)
     originals = [getattr(parent, name) for parent, name in slots]
@@ -129,7 +130,8 @@ def patch(model: nn.Module, codebooks: Union[Codebooks, str, PathLike, None] = N
         new.configure(codebook=None if codebooks is None else codebooks.layer(i),
                       devices=devices, distributed_cls=bool(distributed_cls),
                       communicator=communicator, use_kernels=use_kernels, cls_state=state,
-                      stage_sizes=None if codebooks is None else codebooks.stages(i))
+                      stage_sizes=None if codebooks is None else codebooks.stages(i),
+                      target="x" if codebooks is None else codebooks.target)
         setattr(parent, name, new)
         record.swaps.append((parent, name, orig, new))
 

@@ -23,7 +23,7 @@ import astra_kernels
 
 __all__ = ["CodeSource", "KVSource", "RemoteSource", "Rope", "chunk_kernel", "chunk_torch",
            "ROPE_IN_KERNEL",
-           "ProjectedTables", "KernelTables", "affine_tables", "fold_stages"]
+           "ProjectedTables", "KernelTables", "affine_tables", "kv_tables", "fold_stages"]
 
 # Whether the kernels rotate remote keys gathered from the projected tables (the
 # ``rope_cos``/``rope_sin`` arguments of ``mixed_attention``). Off: RoPE layers hand the
@@ -66,6 +66,23 @@ def affine_tables(codebook: Tensor, stage_sizes: Optional[Sequence[int]],
             t[0] += b.float()
         tabs.append(t.reshape(G, K, hkv, d).to(W.dtype))
     return ProjectedTables(tabs[0], tabs[1])
+
+
+def kv_tables(codebook: Tensor, stage_sizes: Optional[Sequence[int]], hkv: int,
+              d: int) -> ProjectedTables:
+    """The tables of a ``"kv"`` codebook ``[G, K, 2·Hkv·d/G]``: a codeword is (a slice
+    of) ``[k; v]``, so group g's row is its codeword placed at the group's dims of that
+    vector, split into the key half and the value half (zeros outside the group); a
+    residual codebook (``stage_sizes``) has every stage span the whole vector."""
+    G, K, dg = codebook.shape
+    full = codebook
+    if stage_sizes is None and G > 1:
+        full = codebook.new_zeros(G, K, G * dg)
+        for g in range(G):
+            full[g, :, g * dg:(g + 1) * dg] = codebook[g]
+    half = hkv * d
+    return ProjectedTables(full[..., :half].reshape(G, K, hkv, d).contiguous(),
+                           full[..., half:].reshape(G, K, hkv, d).contiguous())
 
 
 def fold_stages(tabs: ProjectedTables, stage_sizes: Optional[Sequence[int]]) -> KernelTables:

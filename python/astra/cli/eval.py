@@ -21,6 +21,7 @@ from ..options import (
     KMEANS_ITERS,
     KMEANS_MAX_POINTS,
     LLM_CALIB_ITERS,
+    QUANTIZE_TARGETS,
 )
 from ._args import (
     add_residual_options,
@@ -44,6 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--codebook-size", type=positive_int, default=1024, help="K (first stage's K)")
     add_residual_options(p, "residual stages after the first (e.g. 16, or 256x9 for nine "
                          "stages of 256): G must be 1", "-1:4096,4096 for the last layer")
+    p.add_argument("--quantize", choices=QUANTIZE_TARGETS, default="x",
+                   help="what the codes stand for: x = the attention input (any model), "
+                   "kv = each token's pre-RoPE key and value (narrower with GQA)")
     p.add_argument("--distill", type=nonnegative_int, default=0, metavar="STEPS",
                    help="codebook distillation steps after k-means (0: none): the codebooks "
                    "alone learn to match one device's output (encoders: cosine of the "
@@ -84,7 +88,8 @@ def _method(args: argparse.Namespace, causal_lm: bool):
     return Method(groups=args.groups, codebook_size=args.codebook_size, stages=args.residual,
                   layer_stages=layer_stages_arg(args.layer_residual),
                   distill_steps=args.distill, distill_lr=args.distill_lr, iters=iters,
-                  max_points=args.max_points, init=args.init, seed=args.seed)
+                  max_points=args.max_points, init=args.init, seed=args.seed,
+                  target=args.quantize)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -86,10 +86,22 @@ class Adapter:
         raise NotImplementedError
 
     def identity(self, model: nn.Module) -> Dict[str, Any]:
-        """The metadata a codebook file must match: model, config_hash, num_layers, dim."""
+        """The metadata a codebook file must match: model, config_hash, num_layers, dim
+        (the attention input's width) and kv_dim (``[key; value]``'s, ``2·Hkv·d``)."""
         return {"model": self.family, "name": self.name(model),
                 "config_hash": self.config_hash(model),
-                "num_layers": len(self.layers(model)), "dim": self.dim(model)}
+                "num_layers": len(self.layers(model)), "dim": self.dim(model),
+                "kv_dim": self.kv_dim(model)}
+
+    def kv_dim(self, model: nn.Module) -> int:
+        """The width of a token's ``[key; value]`` in one layer, ``2·Hkv·d`` (what
+        ``"kv"`` codebooks quantize), read off layer 0's attention module."""
+        from ..attention import AstraAttention
+        parent, name = self.attention_slots(model)[0]
+        a = getattr(parent, name)
+        if not isinstance(a, AstraAttention):
+            a = self.build(a, 0, model)
+        return 2 * a.num_kv_heads * a.head_dim
 
     # ------------------------------------------------------------ the runner's stages
 

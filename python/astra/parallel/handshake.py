@@ -68,7 +68,7 @@ def fingerprint(model: torch.nn.Module, jobs: Sequence[Any],
             f"{p}new tokens": job.max_new_tokens,
             f"{p}codebooks": "rank 0's, sent after the handshake" if shared_codebooks else
             "none" if cbs is None else
-            f"{cbs.kind} {tuple(cbs.tensor.shape)} {tensor_hash(cbs.tensor)}"})
+            f"{cbs.kind} {cbs.target} {tuple(cbs.tensor.shape)} {tensor_hash(cbs.tensor)}"})
     return fp
 
 

@@ -365,7 +365,7 @@ def compute_cost(spec, inputs: torch.Tensor, codebooks=None, *, model=None,
     cb = _codebooks(inputs, codebooks)
     key = dict(spec=_describe(spec), shape=list(inputs.shape), dtype=str(inputs.dtype),
                codebooks=None if cb is None else f"{cb.kind} {tuple(cb.tensor.shape)} "
-               f"{cb.stage_sizes}",
+               f"{cb.stage_sizes}" + ("" if cb.target == "x" else f" {cb.target}"),
                machine=_machine(), torch=torch.__version__, version=4,
                calibrated=bool(calibrated and cb is not None))
     path = cache_path("costs", "cost", key, suffix=".json")
