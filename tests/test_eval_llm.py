@@ -115,6 +115,69 @@ def test_next_token_kl_distillation_lowers_the_kl_and_leaves_the_weights(model, 
         assert torch.equal(v, weights[k]), k
 
 
+def _layer0_output(model, windows):
+    got = []
+    h = model.model.layers[0].self_attn.register_forward_hook(
+        lambda m, a, o: got.append(o[0]))
+    try:
+        _logits(model, windows)
+    finally:
+        h.remove()
+    return torch.cat(got)
+
+
+def _layer0_error(model, windows, codebooks, devices):
+    """Relative squared error of layer 0's attention output (its input is the embedding
+    on both sides) with ``codebooks`` on ``devices``, through a forward hook."""
+    with torch.no_grad():
+        ref = _layer0_output(model, windows)
+        with ev.patched(model, codebooks, devices):
+            out = _layer0_output(model, windows)
+    return float((out - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+@pytest.mark.parametrize("target, stages", [("x", ()), ("kv", ()), ("kv", (3,))])
+def test_layer_local_training_lowers_each_layers_error_and_leaves_the_weights(
+        model, windows, target, stages):
+    from astra.calibrate import distill_layers
+    N = 4
+    cb = calibrate(model, [windows], Method(codebook_size=4, iters=2, target=target,
+                                            stages=stages), cache=False, progress=False)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    lines = []
+    out = distill_layers(model, cb, list(windows.split(1)), devices=N, steps=30, lr=3e-2,
+                         progress=False, log=lines.append)
+    assert out.target == target and out.stage_sizes == cb.stage_sizes
+    assert len(lines) == 2
+    for line in lines:  # "layer l: attention output error a -> b"
+        before, after = map(float, line.split("error ")[1].split(" -> "))
+        assert after < 0.95 * before, line
+    assert _layer0_error(model, windows, out, N) < 0.95 * _layer0_error(model, windows, cb, N)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    if stages:  # the padding rows of the smaller stage stay zero
+        assert not out.tensor[:, 1, 3:].any()
+
+
+def test_layer_local_training_keeps_a_codebook_it_made_worse(model, windows, tiny_codebooks):
+    from astra.calibrate import distill_layers
+    lines = []
+    out = distill_layers(model, tiny_codebooks, list(windows.split(1)), devices=4, steps=3,
+                         lr=50.0, progress=False, log=lines.append)
+    assert all(line.endswith("(kept k-means's)") for line in lines), lines
+    assert torch.equal(out.tensor, tiny_codebooks.tensor)
+
+
+def test_layer_local_training_refuses_what_it_cannot_train(model, windows, tiny_codebooks):
+    from astra.calibrate import distill_layers
+    with pytest.raises(ValueError, match="token ids"):
+        distill_layers(model, tiny_codebooks, [{"input_ids": windows}], devices=2, steps=1)
+    vit = factories.tiny_vit()
+    with pytest.raises(ValueError, match="class token"):
+        distill_layers(vit, None, [], devices=2, steps=1)
+    assert Method(layer_steps=5).name == "kmeans+layers"
+
+
 def test_greedy_identical_counts_prompts_and_runs_single_first():
     calls = []
 

@@ -430,6 +430,9 @@ def test_layer_residual_argument():
     from astra.cli._args import layer_stages_arg
     assert layer_stages_arg(["-1:4096,4096", "0:16"]) == ((-1, (4096, 4096)), (0, (16,)))
     assert layer_stages_arg(["2:256x3"]) == ((2, (256, 256, 256)),)
-    for bad in ("-1", "x:16", "1:a"):
+    assert layer_stages_arg(["1-3:1", "-1:8"]) == ((1, (1,)), (2, (1,)), (3, (1,)), (-1, (8,)))
+    for bad in ("-1", "x:16", "1:a", "1-2:a"):
         with pytest.raises(ValueError, match="LAYER:K2"):
             layer_stages_arg([bad])
+    with pytest.raises(ValueError, match="is empty"):
+        layer_stages_arg(["3-1:16"])

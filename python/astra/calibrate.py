@@ -9,7 +9,11 @@ All methods leave the model's weights untouched (plug-and-play):
   stages, each a k-means on what the stages before it left (residual VQ). A token is
   S codes, ``sum_s ceil(log2 K_s)`` bits; a remote key is still a sum of S table rows,
   so the ops take the S stages as S "groups" (smaller stages padded to the largest K).
-- ``distill`` (on top of either): gradient descent on the codebooks only, so that the
+- ``layers`` (on top of either): each layer's codebook alone, by gradient descent, so
+  that the layer's attention output (through its output projection) over N simulated
+  devices matches the exact one, on the inputs the unpatched model gives that layer
+  (:func:`distill_layers`). No whole-model backward: seconds per layer.
+- ``distill`` (on top of any): gradient descent on the codebooks only, so that the
   patched model's output (simulate mode, N devices) matches the unpatched model's on
   calibration inputs. The codes are re-chosen (nearest codeword) at every step. The
   loss is ``1 - cos`` of the output features (:func:`cos_loss`, encoders) or the
@@ -32,9 +36,10 @@ from torch import Tensor, nn
 from .codebooks import TARGETS, Codebooks, collect_activations, kv_activations
 from .kmeans import INITS
 from .objectives import cos_loss, kl_divergence
-from .options import DISTILL_LR, KMEANS_INIT, KMEANS_ITERS, KMEANS_MAX_POINTS
+from .options import DISTILL_LR, KMEANS_INIT, KMEANS_ITERS, KMEANS_MAX_POINTS, LAYER_LR
 
-__all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "distill", "cache_path",
+__all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "distill", "distill_layers",
+           "cache_path",
            "cos_loss", "next_token_kl", "DistillLoss"]
 
 # ``(output, target, batch) -> scalar``: what a distillation step minimizes.
@@ -53,6 +58,9 @@ class Method:
             (negative layers count from the end): bits go where the error is. Layers
             with fewer stages than the most get stages of size 1 (no bits: a fixed
             offset). Bits per token are then the mean over layers.
+        layer_steps: steps of layer-local codebook training after k-means (0: none;
+            :func:`distill_layers`), before any ``distill_steps``.
+        layer_lr: its Adam learning rate.
         distill_steps: steps of codebook distillation after k-means (0: none).
         distill_lr: Adam learning rate of the distillation.
         distill_batch: calibration batches per distillation step.
@@ -68,6 +76,8 @@ class Method:
     codebook_size: int = 1024
     stages: Tuple[int, ...] = ()
     layer_stages: Tuple[Tuple[int, Tuple[int, ...]], ...] = ()
+    layer_steps: int = 0
+    layer_lr: float = LAYER_LR
     distill_steps: int = 0
     distill_lr: float = DISTILL_LR
     distill_batch: int = 1
@@ -94,7 +104,8 @@ class Method:
     def name(self) -> str:
         """Short label: ``kmeans``, ``residual``, ``kmeans+distill`` ..."""
         base = "residual" if self.residual else "kmeans"
-        return base + ("+distill" if self.distill_steps else "")
+        return (base + ("+layers" if self.layer_steps else "")
+                + ("+distill" if self.distill_steps else ""))
 
     @property
     def residual(self) -> bool:
@@ -133,7 +144,8 @@ class Method:
             f"G={self.groups} K={self.codebook_size}"
         for li, ks in self.layer_stages:
             sizes += f", layer {li}: " + "+".join(map(str, (self.codebook_size,) + ks))
-        d = f", distill {self.distill_steps} steps" if self.distill_steps else ""
+        d = f", layer-local {self.layer_steps} steps" if self.layer_steps else ""
+        d += f", distill {self.distill_steps} steps" if self.distill_steps else ""
         t = "" if self.target == "x" else ", of [k; v]"
         return f"{self.name} ({sizes}{t}{d})"
 
@@ -275,6 +287,108 @@ def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: 
     return out
 
 
+def _layer_inputs(model: nn.Module, batches: Sequence) -> List[List[Tensor]]:
+    """``[layer][batch] -> [B, T, D]``: what the unpatched model feeds each layer's
+    attention for each batch of token ids."""
+    out: List[List[Tensor]] = []
+    for b in batches:
+        if not isinstance(b, Tensor) or b.dim() != 2:
+            raise ValueError("layer-local distillation takes batches of token ids [B, T]")
+        acts = collect_activations(model, [b])
+        for li, a in enumerate(acts):
+            if li == len(out):
+                out.append([])
+            out[li].append(a.view(*b.shape, a.shape[-1]))
+    return out
+
+
+def distill_layers(model: nn.Module, codebooks: Codebooks, batches: Sequence, *, devices: int,
+                   steps: int, lr: float = LAYER_LR, seed: int = 0, progress: bool = True,
+                   log: Callable[[str], None] = lambda s: None) -> Codebooks:
+    """Train each layer's codebook alone: Adam on the relative squared error of the
+    layer's attention output (after its output projection) over ``devices`` simulated
+    devices against the exact output, on the inputs the unpatched model gives that
+    layer for ``batches`` (token ids ``[B, T]``). One layer at a time, no backward
+    through the model: the cost is ``steps`` attentions per layer. Logs each layer's
+    error before and after; a layer whose error did not fall keeps its codebook. The
+    weights are untouched."""
+    from .attention import AstraAttention
+    from .models import resolve
+    from .patch import patch, unpatch
+
+    if steps <= 0:
+        return codebooks
+    if resolve(model)[1].has_cls(model):
+        raise ValueError("layer-local distillation is for models without a class token")
+    with torch.no_grad():
+        inputs = _layer_inputs(model, batches)
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    patch(model, codebooks, devices=devices, use_kernels=False, strict=False)
+    gen = torch.Generator().manual_seed(int(seed))
+    from tqdm.auto import tqdm
+    try:
+        attns = [m for m in model.modules() if isinstance(m, AstraAttention)]
+        with tqdm(total=len(attns) * steps, desc="distill layers", disable=not progress) as bar:
+            for li, a in enumerate(attns):
+                xs = inputs[li]
+                _fit_layer(a, xs, steps, lr, gen, bar, log)
+        tensor = torch.stack([a.codebook.detach().cpu() for a in attns])
+    finally:
+        unpatch(model)
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    out = codebooks.with_tensor(tensor)  # padding rows back to zero
+    out.history, out.reseeded = codebooks.history, codebooks.reseeded
+    return out
+
+
+def _fit_layer(a, xs: List[Tensor], steps: int, lr: float, gen, bar, log) -> None:
+    """:func:`distill_layers` for one layer ``a`` (patched, simulate mode). The queries,
+    keys, values, layout and RoPE of each input do not depend on the codebook: they are
+    computed once, and a step runs only the mixed attention and the output projection."""
+    pre = []
+    with torch.no_grad():
+        for x in xs:
+            layout = a._layout(x)
+            rope = a._rope_at(x, layout.orig_index)
+            q, k, v = a.project_qkv(x)
+            q, k = a._rot(q, k, rope)
+            pre.append((x, q, k, v, layout, rope))
+
+    def out(i):
+        x, q, k, v, layout, rope = pre[i]
+        o = a._simulate_torch(x, q, k, v, layout, None, a.causal, rope)
+        o = a.output(o, x)
+        return o[0] if isinstance(o, tuple) else o
+
+    def rel_error(i):
+        return (out(i) - refs[i]).pow(2).sum() / refs[i].pow(2).sum()
+
+    cb = a.codebook
+    with torch.no_grad():
+        a.codebook = None  # remote tokens exact: the one-device output
+        refs = [out(i) for i in range(len(xs))]
+        a.codebook = cb
+        before = sum(float(rel_error(i)) for i in range(len(xs))) / len(xs)
+    a.codebook = cb.clone().requires_grad_(True)
+    opt = torch.optim.Adam([a.codebook], lr=lr)
+    for _ in range(steps):
+        loss = rel_error(int(torch.randint(len(xs), (1,), generator=gen)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(1)
+    a.codebook = a.codebook.detach()
+    with torch.no_grad():
+        after = sum(float(rel_error(i)) for i in range(len(xs))) / len(xs)
+    if after >= before:  # Adam's steps are lr-sized however small the gradient: a layer
+        a.codebook = cb  # k-means already fits well can get worse; keep k-means's then
+    log(f"layer {a.layer_idx}: attention output error {before:.4f} -> {after:.4f}"
+        + (" (kept k-means's)" if after >= before else ""))
+
+
 def next_token_kl(head: nn.Module, skip: int = 0) -> DistillLoss:
     """A causal LLM's distillation loss: ``KL(single || Astra)`` of the next-token
     distributions, ``head`` (the LM head) applied to both last hidden states, mean over
@@ -307,6 +421,9 @@ def cache_path(model: nn.Module, method: Method, data_key: str, devices: int,
         spec["loss"] = loss_name
     if method.target == "x":  # keys made before there were targets stay as they were
         spec.pop("target")
+    if not method.layer_steps:  # nor those made before layer-local training
+        spec.pop("layer_steps")
+        spec.pop("layer_lr")
     return artefact_path("codebooks", method.name.replace("+", "-"), spec, suffix=".safetensors")
 
 
@@ -350,6 +467,12 @@ def calibrate(model: nn.Module, batches: Sequence, method: Method, *, devices: i
                      steps=method.distill_steps, lr=method.distill_lr,
                      batch_size=method.distill_batch, seed=method.seed,
                      distributed_cls=distributed_cls, loss=loss, progress=progress)
+    elif method.layer_steps:
+        cb = calibrate(model, batches, dataclasses.replace(method, layer_steps=0),
+                       devices=devices, max_tokens=max_tokens, cache=cache,
+                       progress=progress, log=log)
+        cb = distill_layers(model, cb, batches, devices=devices, steps=method.layer_steps,
+                            lr=method.layer_lr, seed=method.seed, progress=progress, log=log)
     else:
         acts = collect_activations(model, batches, max_tokens=max_tokens)
         if method.target == "kv":

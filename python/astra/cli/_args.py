@@ -141,8 +141,19 @@ def layer_stages(spec: str) -> Tuple[int, Tuple[int, ...]]:
 
 
 def layer_stages_arg(specs: Sequence[str]) -> LayerStages:
-    """Every ``--layer-residual``: ``["-1:4096,4096", ...]`` -> ``((-1, (4096, 4096)), ...)``."""
-    return tuple(layer_stages(s) for s in specs)
+    """Every ``--layer-residual``: ``["-1:4096,4096", ...]`` -> ``((-1, (4096, 4096)), ...)``;
+    ``"0-9:1"`` stands for layers 0 to 9 (inclusive) alike."""
+    out = []
+    for spec in specs:
+        layer, sep, rest = spec.partition(":")
+        lo, dash, hi = layer.partition("-")
+        if dash and lo.isdigit() and hi.isdigit():
+            if int(hi) < int(lo):
+                raise ValueError(f"--layer-residual {spec!r}: the range {layer} is empty")
+            out += [layer_stages(f"{i}{sep}{rest}") for i in range(int(lo), int(hi) + 1)]
+        else:
+            out.append(layer_stages(spec))
+    return tuple(out)
 
 
 def add_residual_options(p: argparse.ArgumentParser, residual_help: str,
@@ -151,5 +162,6 @@ def add_residual_options(p: argparse.ArgumentParser, residual_help: str,
     p.add_argument("--residual", type=sizes, default=(), metavar="K2[,K3..]",
                    help=residual_help)
     p.add_argument("--layer-residual", action="append", default=[], metavar="L:K2[,K3..]",
-                   help="layer L (negative: from the end) gets these residual stages instead "
-                   f"of --residual's; repeatable (e.g. {layer_example})")
+                   help="layer L (negative: from the end; A-B: layers A to B) gets these "
+                   "residual stages instead of --residual's (a stage of 1: no bits); "
+                   f"repeatable (e.g. {layer_example})")

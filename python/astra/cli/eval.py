@@ -20,7 +20,9 @@ from ..options import (
     KMEANS_INIT,
     KMEANS_ITERS,
     KMEANS_MAX_POINTS,
+    LAYER_LR,
     LLM_CALIB_ITERS,
+    LLM_QUANTIZE,
     QUANTIZE_TARGETS,
 )
 from ._args import (
@@ -45,9 +47,15 @@ def register(subparsers) -> None:
     p.add_argument("--codebook-size", type=positive_int, default=1024, help="K (first stage's K)")
     add_residual_options(p, "residual stages after the first (e.g. 16, or 256x9 for nine "
                          "stages of 256): G must be 1", "-1:4096,4096 for the last layer")
-    p.add_argument("--quantize", choices=QUANTIZE_TARGETS, default="x",
-                   help="what the codes stand for: x = the attention input (any model), "
-                   "kv = each token's pre-RoPE key and value (narrower with GQA)")
+    p.add_argument("--quantize", choices=QUANTIZE_TARGETS,
+                   help="what the codes stand for: x = the attention input, kv = each "
+                   "token's pre-RoPE key and value (narrower with GQA); default: "
+                   f"{LLM_QUANTIZE} for causal LLMs (as the catalogue's), x for the others")
+    p.add_argument("--layer-steps", type=nonnegative_int, default=0, metavar="STEPS",
+                   help="layer-local codebook training after k-means (0: none): each layer's "
+                   "codebook alone learns to reproduce the layer's exact attention output "
+                   "(seconds per layer; no backward through the model)")
+    p.add_argument("--layer-lr", type=positive_float, default=LAYER_LR)
     p.add_argument("--distill", type=nonnegative_int, default=0, metavar="STEPS",
                    help="codebook distillation steps after k-means (0: none): the codebooks "
                    "alone learn to match one device's output (encoders: cosine of the "
@@ -87,9 +95,10 @@ def _method(args: argparse.Namespace, causal_lm: bool):
         LLM_CALIB_ITERS if causal_lm else Method.iters)
     return Method(groups=args.groups, codebook_size=args.codebook_size, stages=args.residual,
                   layer_stages=layer_stages_arg(args.layer_residual),
+                  layer_steps=args.layer_steps, layer_lr=args.layer_lr,
                   distill_steps=args.distill, distill_lr=args.distill_lr, iters=iters,
                   max_points=args.max_points, init=args.init, seed=args.seed,
-                  target=args.quantize)
+                  target=args.quantize or (LLM_QUANTIZE if causal_lm else "x"))
 
 
 def main(args: argparse.Namespace) -> int:

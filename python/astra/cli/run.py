@@ -76,14 +76,16 @@ def register(sub) -> None:
 
 
 def describe_codebooks(cbs) -> str:
-    """``codebooks G=1 K=1024 (10 bits/token)`` or ``... residual stages [...]``."""
+    """``codebooks G=1 K=1024 (10 bits/token)``, ``... residual stages [...]``, with
+    ``of [k; v]`` for codebooks of the keys and values."""
     import torch
     if cbs is None or isinstance(cbs, torch.Tensor):
         return ""
     st = cbs.stage_sizes
     kind = (f"G={cbs.groups} K={cbs.codebook_size}" if st is None
             else f"residual stages {st}")
-    return f"codebooks {kind} ({cbs.bits_per_token} bits/token)"
+    of = " of [k; v]" if cbs.target == "kv" else ""
+    return f"codebooks {kind}{of} ({cbs.bits_per_token} bits/token)"
 
 
 def main(args: argparse.Namespace) -> int:
