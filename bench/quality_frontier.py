@@ -1,6 +1,7 @@
 """Quality per bit of an LLM across 4 devices: perplexity and agreement with one device
 against the bits a remote token costs per layer, for codebooks of the attention input X
-and of the keys and values ([k; v]), k-means only (weights and codebooks untrained).
+and of the keys and values ([k; v]), k-means only (weights and codebooks untrained;
+residual stages refined jointly unless the name ends in -seq).
 
 Each configuration is one ``astra eval --model smollm2`` run (the library's path,
 :func:`astra.evaluate_llm.evaluate_llm`: held-out pydoc text, 4 windows of 1,024 tokens,
@@ -27,13 +28,16 @@ EVAL = dict(devices=4, tokens=1024, limit=4, prompts=4, prompt_tokens=512, calib
 # name: Method fields (all k-means, LLM_CALIB_ITERS iterations)
 CONFIGS = {
     "x-10": dict(codebook_size=1024),
-    "x-20": dict(codebook_size=1024, stages=(1024,)),
+    "x-20-seq": dict(codebook_size=1024, stages=(1024,), refine=0),
     "x-80": dict(groups=8, codebook_size=1024),
     "x-256": dict(groups=32, codebook_size=256),
     "kv-10": dict(codebook_size=1024, target="kv"),
+    # residual stages fitted one after another (refine=0), and jointly refined (default)
+    "kv-16-seq": dict(codebook_size=1024, stages=(64,), target="kv", refine=0),
+    "kv-16.7-late-seq": dict(codebook_size=1024, stages=(1024,), target="kv", refine=0,
+                             layer_stages=tuple((li, (1,)) for li in range(10))),
     "kv-16": dict(codebook_size=1024, stages=(64,), target="kv"),
-    "kv-16.7-late": dict(codebook_size=1024, stages=(1024,), target="kv",
-                         layer_stages=tuple((li, (1,)) for li in range(10))),
+    "kv-20-residual": dict(codebook_size=1024, stages=(1024,), target="kv"),
     "kv-20": dict(groups=2, codebook_size=1024, target="kv"),
     "kv-40": dict(groups=4, codebook_size=1024, target="kv"),
     "kv-80": dict(groups=8, codebook_size=1024, target="kv"),
@@ -80,7 +84,8 @@ def plot(rows, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for target, style, label in (("x", "o--", "X (attention input)"),
                                  ("kv", "s-", "[k; v] (keys and values)")):
-        rs = sorted((r for r in rows if r["quantize"] == target and "late" not in r["config"]),
+        rs = sorted((r for r in rows if r["quantize"] == target and "late" not in r["config"]
+                     and "-seq" not in r["config"] and "residual" not in r["config"]),
                     key=lambda r: r["bits_per_token_per_layer"])
         if not rs:
             continue

@@ -213,3 +213,29 @@ def test_collect_activations_is_the_attention_input_without_padding():
     torch.testing.assert_close(acts[1], x1[am.bool()])
     capped = astra.collect_activations(model, [ids, ids], max_tokens=9)
     assert [a.shape[0] for a in capped] == [9, 9]
+
+
+def test_refined_residual_stages_are_unbiased_given_each_code():
+    """After refine_stages, the tokens that chose a row of any stage (the greedy codes it
+    was refined on) have a mean error of about zero: their reconstruction is their mean.
+    Fitted stage by stage they do not."""
+    from astra.calibrate import fit_residual
+    g = torch.Generator().manual_seed(0)
+    acts = [torch.randn(3000, 16, generator=g) @ torch.randn(16, 16, generator=g) + 3]
+    plain = fit_residual(acts, (32, 8, 1), iters=6, progress=False, refine=0)
+    refined = fit_residual(acts, (32, 8, 1), iters=6, progress=False, refine=8)
+    x = acts[0]
+
+    codes = plain.encode(0, x).long()
+
+    def worst_bias(cb):
+        err = x - cb.decode(0, codes)
+        worst = 0.0
+        for s, k in enumerate(cb.stages(0)):
+            cnt = torch.bincount(codes[:, s], minlength=k).clamp_min(1).unsqueeze(1)
+            mean = torch.zeros(k, 16).index_add_(0, codes[:, s], err) / cnt
+            worst = max(worst, float(mean.norm(dim=1).max()))
+        return worst
+    assert worst_bias(refined) < 0.1 * worst_bias(plain), (worst_bias(refined), worst_bias(plain))
+    assert float((x - refined.decode(0, codes)).pow(2).sum(-1).mean()) < plain.error(0, x)
+    assert not refined.tensor[0, 1, 8:].any() and not refined.tensor[0, 2, 1:].any()

@@ -261,6 +261,8 @@ def test_cli_evaluates_a_causal_lm_folder(folder, tmp_path, capsys):
     assert (row["model"], row["devices"], row["groups"], row["codebook_size"]) == \
         (str(folder), 2, 1, 4)
     assert (row["tokens"], row["windows"], row["bits_per_token_per_layer"]) == (128, 2, 2)
+    assert row["bits_per_token"] == row["bits_per_token_per_layer"]
+    assert row["quantize"] == "kv"  # causal LLMs: codes of the keys and values by default
     assert (row["prompts"], row["prompt_tokens"]) == (1, 16)
     assert row["greedy32_identical"] in (0.0, 1.0) and row["elapsed_s"] >= 0
     tok = llm.load_tokenizer(folder)

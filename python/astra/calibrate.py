@@ -36,9 +36,17 @@ from torch import Tensor, nn
 from .codebooks import TARGETS, Codebooks, collect_activations, kv_activations
 from .kmeans import INITS
 from .objectives import cos_loss, kl_divergence
-from .options import DISTILL_LR, KMEANS_INIT, KMEANS_ITERS, KMEANS_MAX_POINTS, LAYER_LR
+from .options import (
+    DISTILL_LR,
+    KMEANS_INIT,
+    KMEANS_ITERS,
+    KMEANS_MAX_POINTS,
+    LAYER_LR,
+    REFINE_PASSES,
+)
 
-__all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "distill", "distill_layers",
+__all__ = ["Method", "calibrate", "fit_kmeans", "fit_residual", "refine_stages", "distill",
+           "distill_layers",
            "cache_path",
            "cos_loss", "next_token_kl", "DistillLoss"]
 
@@ -65,6 +73,7 @@ class Method:
         distill_lr: Adam learning rate of the distillation.
         distill_batch: calibration batches per distillation step.
         iters: Lloyd iterations per k-means.
+        refine: residual stages: passes of :func:`refine_stages` after the k-means.
         max_points: k-means points per layer (a random subset; None: all).
         init: k-means init (``"sampled"``, ``"k-means++"``, ``"random"``).
         seed: seeds k-means and the distillation's batch order.
@@ -82,6 +91,7 @@ class Method:
     distill_lr: float = DISTILL_LR
     distill_batch: int = 1
     iters: int = KMEANS_ITERS
+    refine: int = REFINE_PASSES
     max_points: Optional[int] = KMEANS_MAX_POINTS
     init: str = KMEANS_INIT
     seed: int = 0
@@ -165,15 +175,16 @@ def fit_kmeans(acts: Sequence[Tensor], groups: int, codebook_size: int, *, iters
 def fit_residual(acts: Sequence[Tensor], stage_sizes, *, iters: int = 12,
                  seed: int = 0, max_points: Optional[int] = 32768, init: str = "sampled",
                  model: Optional[nn.Module] = None, progress: bool = True,
-                 target: str = "x") -> Codebooks:
+                 target: str = "x", refine: int = REFINE_PASSES) -> Codebooks:
     """Residual codebooks ``[L, S, max K, D]``: stage s is k-means (G=1) on the residual
-    the stages before it left. Rows past a stage's own size are zero padding.
-    ``stage_sizes``: one tuple for all layers, or one per layer (equal lengths)."""
+    the stages before it left, then ``refine`` passes of :func:`refine_stages`. Rows
+    past a stage's own size are zero padding. ``stage_sizes``: one tuple for all
+    layers, or one per layer (equal lengths)."""
     if len(stage_sizes) and not isinstance(stage_sizes[0], int):
         rows = [tuple(int(k) for k in r) for r in stage_sizes]
         return _fit_residual_per_layer(acts, rows, iters=iters, seed=seed,
                                        max_points=max_points, init=init, model=model,
-                                       progress=progress, target=target)
+                                       progress=progress, target=target, refine=refine)
     stage_sizes = tuple(int(k) for k in stage_sizes)
     gen = torch.Generator().manual_seed(int(seed))
     xs = []
@@ -182,6 +193,7 @@ def fit_residual(acts: Sequence[Tensor], stage_sizes, *, iters: int = 12,
         if max_points is not None and x.shape[0] > max_points:
             x = x[torch.randperm(x.shape[0], generator=gen)[:max_points]]
         xs.append(x)
+    xs0 = xs
     Kmax = max(stage_sizes)
     L, D = len(xs), xs[0].shape[-1]
     out = torch.zeros(L, len(stage_sizes), Kmax, D)
@@ -192,8 +204,37 @@ def fit_residual(acts: Sequence[Tensor], stage_sizes, *, iters: int = 12,
         first = first or cb
         out[:, s, :k] = cb.tensor[:, 0]
         xs = [x - cb.decode(li, cb.encode(li, x)) for li, x in enumerate(xs)]
-    return Codebooks(out, model=first.model, name=first.name, config_hash=first.config_hash,
-                     stage_sizes=stage_sizes, target=target)
+    cb = Codebooks(out, model=first.model, name=first.name, config_hash=first.config_hash,
+                   stage_sizes=stage_sizes, target=target)
+    return refine_stages(cb, xs0, refine)
+
+
+def refine_stages(cb: Codebooks, acts: Sequence[Tensor], passes: int) -> Codebooks:
+    """Residual codebooks with their stages fitted jointly on the greedy codes of ``acts``
+    (one ``[M, D]`` per layer): ``passes`` rounds of setting each stage's used rows to the
+    mean of what the other stages leave of the tokens that chose them (alternating least
+    squares; the codes stay). Stages fitted one after another leave a token's sum biased
+    given its codes; this removes the bias (it lowers the squared error only ~1%, but
+    SmolLM2's perplexity at 1024+64 codes of [k; v] from +14.0% to +8.3% over one device).
+    """
+    if passes <= 0 or cb.kind != "residual":
+        return cb
+    t = cb.tensor.clone()
+    for li, x in enumerate(acts):
+        x = x.reshape(-1, x.shape[-1]).float()
+        codes = cb.encode(li, x).long()
+        C = t[li]
+        rows = torch.arange(C.shape[0])
+        for _ in range(passes):
+            for s, k in enumerate(cb.stages(li)):
+                rest = x - C[rows, codes].sum(-2) + C[s, codes[:, s]]  # x minus the others
+                sums = torch.zeros(k, x.shape[1]).index_add_(0, codes[:, s], rest)
+                cnt = torch.bincount(codes[:, s], minlength=k)
+                used = cnt > 0
+                C[s, :k][used] = sums[used] / cnt[used].unsqueeze(1).float()
+    out = cb.with_tensor(t)
+    out.history, out.reseeded = cb.history, cb.reseeded
+    return out
 
 
 def _fit_residual_per_layer(acts, rows, **kw) -> Codebooks:
@@ -421,6 +462,8 @@ def cache_path(model: nn.Module, method: Method, data_key: str, devices: int,
         spec["loss"] = loss_name
     if method.target == "x":  # keys made before there were targets stay as they were
         spec.pop("target")
+    if not method.residual:  # only residual stages are refined
+        spec.pop("refine")
     if not method.layer_steps:  # nor those made before layer-local training
         spec.pop("layer_steps")
         spec.pop("layer_lr")
@@ -480,9 +523,10 @@ def calibrate(model: nn.Module, batches: Sequence, method: Method, *, devices: i
         kw = dict(iters=method.iters, seed=method.seed, max_points=method.max_points,
                   init=method.init, model=model, progress=progress, target=method.target)
         if method.layer_stages:
-            cb = fit_residual(acts, method.layer_stage_sizes(len(acts)), **kw)
+            cb = fit_residual(acts, method.layer_stage_sizes(len(acts)), refine=method.refine,
+                              **kw)
         elif method.stages:
-            cb = fit_residual(acts, method.stage_sizes, **kw)
+            cb = fit_residual(acts, method.stage_sizes, refine=method.refine, **kw)
         else:
             cb = fit_kmeans(acts, method.groups, method.codebook_size, **kw)
         del acts

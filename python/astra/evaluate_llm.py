@@ -283,6 +283,7 @@ def evaluate_llm(model_name: str, method: Method, devices: int = 4, *, text=None
         "model": model_name, "devices": devices, "groups": method.groups,
         "codebook_size": method.codebook_size, "method": method.name,
         "stages": list(method.stage_sizes or ()), "quantize": method.target,
+        "bits_per_token": cb.bits_per_token,  # per layer: the name for it
         "bits_per_token_per_layer": cb.bits_per_token, "tokens": T,
         "windows": len(windows), "prompts": prompts, "prompt_tokens": prompt_len, **res,
         "calibrate_s": round(t_cal, 1), "eval_s": round(t_eval, 1),

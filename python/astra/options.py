@@ -31,6 +31,7 @@ GENERATE_STRATEGIES = ("auto", "single", "sp", "astra")
 # astra.calibrate.Method's defaults
 DISTILL_LR = 2e-3       # Adam learning rate of the codebook distillation
 LAYER_LR = 1e-3         # Adam learning rate of the layer-local codebook training
+REFINE_PASSES = 5       # joint refinement passes of residual stages (refine_stages)
 KMEANS_ITERS = 12       # Lloyd iterations per k-means
 KMEANS_MAX_POINTS = 32768  # k-means points per layer (a random subset)
 KMEANS_INIT = "sampled"
