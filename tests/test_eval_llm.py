@@ -260,7 +260,9 @@ def test_cli_evaluates_a_causal_lm_folder(folder, tmp_path, capsys):
     row = json.loads(out.read_text())
     assert (row["model"], row["devices"], row["groups"], row["codebook_size"]) == \
         (str(folder), 2, 1, 4)
-    assert (row["tokens"], row["windows"], row["bits_per_token_per_layer"]) == (128, 2, 2)
+    # K=4 and the LLM default's refined 64-row second stage: 2 + 6 bits
+    assert (row["tokens"], row["windows"], row["bits_per_token_per_layer"]) == (128, 2, 8)
+    assert row["stages"] == [4, 64]
     assert row["bits_per_token"] == row["bits_per_token_per_layer"]
     assert row["quantize"] == "kv"  # causal LLMs: codes of the keys and values by default
     assert (row["prompts"], row["prompt_tokens"]) == (1, 16)

@@ -159,8 +159,11 @@ def test_path_entry_prepares_codebooks(tmp_path, tmp_cache):
     tok.save_pretrained(folder)
     run = catalog.prepare(str(folder), 64, G=1, K=16)
     assert run.num_layers == 2 and run.inputs.shape == (1, 64)
-    # the keys and values are quantized: [k; v] is 2 x 2 KV heads x 8 wide
-    assert run.codebooks.target == "kv" and tuple(run.codebooks.tensor.shape) == (2, 1, 16, 32)
+    # the keys and values are quantized ([k; v] is 2 x 2 KV heads x 8 wide), K=16 and a
+    # refined 64-row second stage
+    cb = run.codebooks
+    assert cb.target == "kv" and cb.stage_sizes == (16, 64)
+    assert tuple(cb.tensor.shape) == (2, 2, 64, 32)
 
 
 @needs_smollm2

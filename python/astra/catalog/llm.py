@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 
 from astra.cache import cache_path
-from astra.options import LLM_CALIB_ITERS, LLM_QUANTIZE
+from astra.options import LLM_CALIB_ITERS, LLM_QUANTIZE, LLM_STAGES
 
 PathLike = Union[str, os.PathLike]
 
@@ -358,9 +358,10 @@ def calibration_batches(source: PathLike, windows: int = CALIB_WINDOWS,
 def calibrated_codebooks(model, G: int, K: int, source: PathLike,
                          log: Callable[[str], None] = print):
     """k-means codebooks of the keys and values (``LLM_QUANTIZE``) on the calibration
-    windows, as an :class:`astra.Codebooks` (cached by :func:`astra.calibrate.calibrate`)."""
+    windows, with a jointly refined residual stage (``LLM_STAGES``) when G=1, as an
+    :class:`astra.Codebooks` (cached by :func:`astra.calibrate.calibrate`)."""
     from astra.calibrate import Method, calibrate
     return calibrate(model, calibration_batches(source),
                      Method(groups=G, codebook_size=K, iters=LLM_CALIB_ITERS,
-                            target=LLM_QUANTIZE),
+                            target=LLM_QUANTIZE, stages=LLM_STAGES if G == 1 else ()),
                      progress=True, log=log)

@@ -23,6 +23,7 @@ from ..options import (
     LAYER_LR,
     LLM_CALIB_ITERS,
     LLM_QUANTIZE,
+    LLM_STAGES,
     QUANTIZE_TARGETS,
 )
 from ._args import (
@@ -46,7 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--groups", type=positive_int, default=1, help="G groups per token")
     p.add_argument("--codebook-size", type=positive_int, default=1024, help="K (first stage's K)")
     add_residual_options(p, "residual stages after the first (e.g. 16, or 256x9 for nine "
-                         "stages of 256): G must be 1", "-1:4096,4096 for the last layer")
+                         "stages of 256): G must be 1; causal LLMs at G=1 default to "
+                         f"{','.join(map(str, LLM_STAGES))} (1: no second stage)",
+                         "-1:4096,4096 for the last layer")
     p.add_argument("--quantize", choices=QUANTIZE_TARGETS,
                    help="what the codes stand for: x = the attention input, kv = each "
                    "token's pre-RoPE key and value (narrower with GQA); default: "
@@ -93,7 +96,10 @@ def _method(args: argparse.Namespace, causal_lm: bool):
     from astra.calibrate import Method
     iters = args.iters if args.iters is not None else (
         LLM_CALIB_ITERS if causal_lm else Method.iters)
-    return Method(groups=args.groups, codebook_size=args.codebook_size, stages=args.residual,
+    stages = args.residual
+    if causal_lm and not stages and not args.layer_residual and args.groups == 1:
+        stages = LLM_STAGES  # the catalogue's codebooks: a refined 64-row second stage
+    return Method(groups=args.groups, codebook_size=args.codebook_size, stages=stages,
                   layer_stages=layer_stages_arg(args.layer_residual),
                   layer_steps=args.layer_steps, layer_lr=args.layer_lr,
                   distill_steps=args.distill, distill_lr=args.distill_lr, iters=iters,
