@@ -82,24 +82,26 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for target, style, label in (("x", "o--", "X (attention input)"),
-                                 ("kv", "s-", "[k; v] (keys and values)")):
-        rs = sorted((r for r in rows if r["quantize"] == target and "late" not in r["config"]
-                     and "-seq" not in r["config"] and "residual" not in r["config"]),
-                    key=lambda r: r["bits_per_token_per_layer"])
+    series = (("X, G groups", "o--", lambda r: r["quantize"] == "x" and not r["stages"]),
+              ("[k; v], G groups", "s-", lambda r: r["quantize"] == "kv" and not r["stages"]),
+              ("[k; v], residual, refined", "D-",
+               lambda r: r["quantize"] == "kv" and r["stages"] and "-seq" not in r["config"]
+               and "late" not in r["config"]),
+              ("[k; v], residual, stage by stage", "v:",
+               lambda r: r["quantize"] == "kv" and "-seq" in r["config"]))
+    for label, style, keep in series:
+        rs = sorted((r for r in rows if keep(r)), key=lambda r: r["bits_per_token_per_layer"])
+        if label.startswith("[k; v], residual"):  # they start from the one-stage codebook
+            rs = [r for r in rows if r["config"] == "kv-10"] + rs
         if not rs:
             continue
         bits = [r["bits_per_token_per_layer"] for r in rs]
         a.plot(bits, [100 * (r["ppl_astra"] / r["ppl_single"] - 1) for r in rs], style,
                label=label)
         b.plot(bits, [r["top1_agreement"] for r in rs], style, label=label)
-    for r in rows:
-        if "late" in r["config"]:
-            a.plot(r["bits_per_token_per_layer"], 100 * (r["ppl_astra"] / r["ppl_single"] - 1),
-                   "D", color="C2", label="[k; v], bits in layers 10-29 only")
     for x, y, label, m in (PAPER + ("*",), KV_CACHE + ("^",)):
         a.plot([x], [y], m, color="gray", markersize=10)
-        a.annotate(label, (x, y), textcoords="offset points", xytext=(-10, 8), ha="right",
+        a.annotate(label, (x, y), textcoords="offset points", xytext=(-10, -14), ha="right",
                    fontsize=8, color="gray")
     a.axhline(5, color="C3", lw=0.8, ls=":")
     a.text(10, 5.3, "goal at <= 16 bits: +5%", color="C3", fontsize=8)
