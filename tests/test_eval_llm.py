@@ -292,3 +292,23 @@ def test_cli_missing_model_path_exit_2(tmp_path, capsys):
     assert _eval("--model", str(tmp_path / "nope.gguf"), "--quiet") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.gguf: no such file or folder" in err[0]
+
+
+def test_eval_methods_for_causal_llms_default_to_refined_kv_codes():
+    import argparse
+
+    from astra.cli import eval as cli_eval
+    from astra.options import LLM_QUANTIZE, LLM_STAGES
+    root = argparse.ArgumentParser()
+    cli_eval.register(root.add_subparsers())
+
+    def method(*argv, causal=True):
+        return cli_eval._method(root.parse_args(["eval", *argv]), causal)
+    m = method()
+    assert (m.target, m.stage_sizes, m.bits()) == (LLM_QUANTIZE, (1024,) + LLM_STAGES, 16)
+    assert method("--residual", "1").stage_sizes is None  # 1: no second stage
+    assert method("--residual", "256").stage_sizes == (1024, 256)
+    assert method("--groups", "2").stages == ()
+    assert method("--quantize", "x").target == "x"
+    plain = method(causal=False)  # the embedding models: X, no second stage
+    assert (plain.target, plain.stage_sizes) == ("x", None)

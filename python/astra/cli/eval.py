@@ -99,6 +99,8 @@ def _method(args: argparse.Namespace, causal_lm: bool):
     stages = args.residual
     if causal_lm and not stages and not args.layer_residual and args.groups == 1:
         stages = LLM_STAGES  # the catalogue's codebooks: a refined 64-row second stage
+    if tuple(stages) == (1,):  # "1": no second stage, plain k-means
+        stages = ()
     return Method(groups=args.groups, codebook_size=args.codebook_size, stages=stages,
                   layer_stages=layer_stages_arg(args.layer_residual),
                   layer_steps=args.layer_steps, layer_lr=args.layer_lr,
