@@ -48,6 +48,19 @@ def test_exact_remote_context_generates_hf_greedy(family, devices):
     assert torch.equal(_patched_greedy(model, x, 8, None, devices=devices), ref)
 
 
+def decode_and_full(model, x):
+    """A patched ``model``: the prefill of ``x`` into an :class:`AstraCache`, one decode
+    step of its greedy next token, and a forward over ``x`` and that token without a
+    cache; ``(step logits, full logits, the token, the cache)``."""
+    with torch.no_grad():
+        cache = AstraCache()
+        out = model(x, use_cache=True, **{cache_kw(model): cache})
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = model(nxt, use_cache=True, **{cache_kw(model): cache}).logits[:, -1]
+        full = model(torch.cat([x, nxt], 1), use_cache=False).logits[:, -1]
+    return step, full, nxt, cache
+
+
 @pytest.mark.parametrize("G", [1, 2])
 def test_decode_step_equals_the_simulation_one_token_longer(family, G):
     """A decoded token's logits equal a simulated forward over T + 1 tokens in which it
@@ -56,12 +69,7 @@ def test_decode_step_equals_the_simulation_one_token_longer(family, G):
     x = _ids(23)
     astra.patch(model, _codebooks(model, G=G), devices=3)
     try:
-        with torch.no_grad():
-            cache = AstraCache()
-            out = model(x, use_cache=True, **{cache_kw(model): cache})
-            nxt = out.logits[:, -1:].argmax(-1)
-            step = model(nxt, use_cache=True, **{cache_kw(model): cache}).logits[:, -1]
-            full = model(torch.cat([x, nxt], 1), use_cache=False).logits[:, -1]
+        step, full, nxt, cache = decode_and_full(model, x)
         torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
     finally:
         astra.unpatch(model)

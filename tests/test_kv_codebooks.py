@@ -15,11 +15,11 @@ from astra.calibrate import Method, cache_path, calibrate, fit_residual
 from astra.catalog import factories
 from astra.codebooks import Codebooks, collect_activations, kv_activations
 from astra.finetune import NoiseAugmentedQuantizer
-from astra.generation import AstraCache, cache_kw
 from astra.models import resolve
 from astra.parallel import wire
 from astra.parallel.runner import Job, ModelSpec, default_chunks, launch
-from tests.test_llama import _Hub, _threads, chunk_forward
+from tests.test_generation import decode_and_full
+from tests.test_llama import seam_forward
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -190,12 +190,7 @@ def test_decode_step_equals_the_simulation_one_token_longer():
     x = _ids(23, B=1)
     astra.patch(model, _kv_codebooks(model), devices=3)
     try:
-        with torch.no_grad():
-            cache = AstraCache()
-            out = model(x, use_cache=True, **{cache_kw(model): cache})
-            nxt = out.logits[:, -1:].argmax(-1)
-            step = model(nxt, use_cache=True, **{cache_kw(model): cache}).logits[:, -1]
-            full = model(torch.cat([x, nxt], 1), use_cache=False).logits[:, -1]
+        step, full, _, cache = decode_and_full(model, x)
         torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
         assert cache.remote_tokens() == 16
     finally:
@@ -205,20 +200,11 @@ def test_decode_step_equals_the_simulation_one_token_longer():
 # ------------------------------------------------------------------- distributed
 @pytest.mark.parametrize("overlap", [False, True])
 def test_distributed_seam_matches_simulate(overlap):
-    T, chunks = 16, [6, 5, 5]  # the simulated split (tensor_split)
-    x = _ids(T)
+    x = _ids(16)
     base = factories.tiny_qwen3()
     cb = _kv_codebooks(base)
     sim = _patched(base, x, cb, 3)
-    hub = _Hub(chunks, overlap)
-    models = [factories.tiny_qwen3() for _ in chunks]
-    ad = resolve(base)[1]
-
-    def rank(r):
-        astra.patch(models[r], cb, communicator=hub.comm(r))
-        return chunk_forward(ad, models[r], x, chunks, r)
-    out = torch.cat(_threads(rank, 3), dim=1)
-    torch.testing.assert_close(out, sim, **TOL)
+    torch.testing.assert_close(seam_forward(factories.tiny_qwen3, x, cb, overlap), sim, **TOL)
 
 
 def test_the_runner_carries_kv_codes_at_their_widths():

@@ -357,18 +357,24 @@ def test_distributed_seam_matches_simulate(overlap, in_kernel, with_codes, monke
             astra_kernels.mixed_attention).parameters:
         pytest.skip("mixed_attention has no rope_cos/rope_sin yet")
     monkeypatch.setattr(remote, "ROPE_IN_KERNEL", in_kernel)
-    T, chunks = 16, [6, 5, 5]  # the simulated split (tensor_split)
-    x = _ids(T)
+    x = _ids(16)
     base = factories.tiny_llama()
     with torch.no_grad():
         cb = _codebooks(base, _ids(40, seed=1)) if with_codes else None
     sim = _patched(base, x, cb, 3)
+    torch.testing.assert_close(seam_forward(factories.tiny_llama, x, cb, overlap), sim, **TOL)
+
+
+def seam_forward(factory, x, cb, overlap, chunks=(6, 5, 5)):
+    """``x`` through one model per rank (``factory``), ranks as threads joined by a
+    :class:`_Hub`, each patched with ``cb`` in distributed mode; the default chunks are
+    the simulation's split of 16 tokens (tensor_split)."""
+    chunks = list(chunks)
     hub = _Hub(chunks, overlap)
-    models = [factories.tiny_llama() for _ in chunks]
-    ad = resolve(base)[1]
+    models = [factory() for _ in chunks]
+    ad = resolve(models[0])[1]
 
     def rank(r):
         astra.patch(models[r], cb, communicator=hub.comm(r))
         return chunk_forward(ad, models[r], x, chunks, r)
-    out = torch.cat(_threads(rank, 3), dim=1)
-    torch.testing.assert_close(out, sim, **TOL)
+    return torch.cat(_threads(rank, len(chunks)), dim=1)
