@@ -58,6 +58,7 @@ import astra_kernels
 from . import remote as _remote
 from .codes import LayerCodes
 from .layout import ChunkLayout, chunk_layout, key_padding, mask_bias
+from .options import QUANTIZE_TARGETS
 from .remote import KVSource, RemoteSource, Rope, chunk_kernel
 
 ProjectedTables, KernelTables = _remote.ProjectedTables, _remote.KernelTables
@@ -208,8 +209,8 @@ class AstraAttention(LayerCodes, nn.Module):
         or ``"kv"`` (the token's pre-RoPE key and value, ``[k; v]`` of width
         ``2·Hkv·d``; see :meth:`kv_vector`).
         """
-        if target not in ("x", "kv"):
-            raise ValueError(f"target must be 'x' or 'kv', got {target!r}")
+        if target not in QUANTIZE_TARGETS:
+            raise ValueError(f"target must be one of {QUANTIZE_TARGETS}, got {target!r}")
         if codebook is not None:
             if codebook.dim() != 3:
                 raise ValueError(f"codebook must be [G, K, D/G], got {tuple(codebook.shape)}")

@@ -232,9 +232,7 @@ def refine_stages(cb: Codebooks, acts: Sequence[Tensor], passes: int) -> Codeboo
                 cnt = torch.bincount(codes[:, s], minlength=k)
                 used = cnt > 0
                 C[s, :k][used] = sums[used] / cnt[used].unsqueeze(1).float()
-    out = cb.with_tensor(t)
-    out.history, out.reseeded = cb.history, cb.reseeded
-    return out
+    return cb.with_tensor(t)
 
 
 def _fit_residual_per_layer(acts, rows, **kw) -> Codebooks:
@@ -323,9 +321,7 @@ def distill(model: nn.Module, codebooks: Codebooks, batches: Sequence, targets: 
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
         model.train(was_training)
-    out = codebooks.with_tensor(tensor)  # padding rows back to zero
-    out.history, out.reseeded = codebooks.history, codebooks.reseeded
-    return out
+    return codebooks.with_tensor(tensor)  # padding rows back to zero
 
 
 def _layer_inputs(model: nn.Module, batches: Sequence) -> List[List[Tensor]]:
@@ -380,9 +376,7 @@ def distill_layers(model: nn.Module, codebooks: Codebooks, batches: Sequence, *,
         unpatch(model)
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
-    out = codebooks.with_tensor(tensor)  # padding rows back to zero
-    out.history, out.reseeded = codebooks.history, codebooks.reseeded
-    return out
+    return codebooks.with_tensor(tensor)  # padding rows back to zero
 
 
 def _fit_layer(a, xs: List[Tensor], steps: int, lr: float, gen, bar, log) -> None:

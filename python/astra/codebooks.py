@@ -40,10 +40,11 @@ from torch import Tensor, nn
 import astra_kernels
 
 from .kmeans import INITS, kmeans
+from .options import QUANTIZE_TARGETS
 
 __all__ = ["Codebooks", "collect_activations", "kv_activations", "TARGETS"]
 
-TARGETS = ("x", "kv")   # what the codewords quantize (see the module docstring)
+TARGETS = QUANTIZE_TARGETS  # what the codewords quantize (see the module docstring)
 
 FORMAT = "astra-codebooks/1"
 _INT_FIELDS = ("num_layers", "dim", "groups", "codebook_size")
@@ -185,18 +186,18 @@ class Codebooks:
                 f"K={self.codebook_size}{st}, model={self.model!r}, name={self.name!r})")
 
     def to(self, device) -> "Codebooks":
-        out = self.with_tensor(self.tensor.to(device))
-        out.history, out.reseeded = self.history, self.reseeded
-        return out
+        return self.with_tensor(self.tensor.to(device))
 
     def with_tensor(self, tensor: Tensor) -> "Codebooks":
-        """Codebooks with this one's identity and stage sizes and a new ``tensor`` of the
-        same layout (e.g. after training); residual padding rows are set to zero."""
+        """Codebooks with this one's identity, stage sizes, target and fitting record
+        (``history``, ``reseeded``) and a new ``tensor`` of the same layout (e.g. after
+        training); residual padding rows are set to zero."""
         out = Codebooks(tensor, model=self.model, name=self.name,
                         config_hash=self.config_hash, stage_sizes=self._stages,
                         target=self.target)
         for li in range(out.num_layers):
             out.zero_padding(li, out.tensor[li])
+        out.history, out.reseeded = self.history, self.reseeded  # k-means's record
         return out
 
     def zero_padding(self, layer: int, t: Tensor) -> Tensor:

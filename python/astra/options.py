@@ -37,7 +37,7 @@ KMEANS_MAX_POINTS = 32768  # k-means points per layer (a random subset)
 KMEANS_INIT = "sampled"
 # astra.evaluate_llm / astra.catalog.llm: causal LLMs' codebooks (the same cached ones)
 LLM_CALIB_ITERS = 8
-QUANTIZE_TARGETS = ("x", "kv")  # what codebooks quantize (astra.codebooks.TARGETS)
+QUANTIZE_TARGETS = ("x", "kv")  # what codebooks quantize: X or [k; v] (astra.codebooks)
 LLM_QUANTIZE = "kv"     # causal LLMs: [k; v] (+9.2% ppl against X's +11.1%, SmolLM2 N=4)
 LLM_STAGES = (64,)      # causal LLMs at G=1: a refined residual stage (16 bits: +8.3%)
 GREEDY_TOKENS = 32      # greedy tokens compared per prompt (``greedy32_identical``)
