@@ -74,6 +74,8 @@ def table(rows) -> str:
                    f"{r['bits_per_token_per_layer']:g} | {r['ppl_astra']:.3f} | {d:+.1f}% | "
                    f"{r['top1_agreement']:.3f} | {round(r['greedy32_identical'] * r['prompts'])}"
                    f"/{r['prompts']} | {r['calibrate_s']:g} |")
+    singles = sorted({round(r["ppl_single"], 3) for r in rows})
+    out.append(f"one device (the anchor, measured in each run): perplexity {singles}")
     return "\n".join(out)
 
 
