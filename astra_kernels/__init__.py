@@ -2,7 +2,8 @@
 
 Public ops (each validates its input and dispatches to the best backend here):
 :func:`vq_encode`, :func:`pack_codes`, :func:`unpack_codes`,
-:func:`mixed_attention`, :func:`merge_attention`. The plain-PyTorch ground truth is
+:func:`mixed_attention`, :func:`merge_attention`, :func:`int8_linear` (with
+:func:`quantize_int8` and :class:`Int8Linear`). The plain-PyTorch ground truth is
 in :mod:`astra_kernels.reference`; :func:`backend_info` says which backend serves
 each op. The choice is made on an op's first call and kept; :func:`use_backend`
 changes it for a block, :func:`reset_backend_cache` after ``ASTRA_BACKEND`` /
@@ -15,9 +16,12 @@ from ._backends import available as available_backends
 from ._backends import info as backend_info
 from ._backends import reset as reset_backend_cache
 from .api import (
+    Int8Linear,
+    int8_linear,
     merge_attention,
     mixed_attention,
     pack_codes,
+    quantize_int8,
     set_code_checks,
     unpack_codes,
     vq_encode,
@@ -28,13 +32,16 @@ __version__ = "0.1.0"
 _load_C()
 
 __all__ = [
+    "Int8Linear",
     "__version__",
     "available_backends",
     "backend_info",
     "compiled_status",
+    "int8_linear",
     "merge_attention",
     "mixed_attention",
     "pack_codes",
+    "quantize_int8",
     "reset_backend_cache",
     "set_code_checks",
     "unpack_codes",

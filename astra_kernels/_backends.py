@@ -118,6 +118,17 @@ _override: dict[str, str] = {}
 _decisions: dict[tuple[str, str], tuple[str, Callable]] = {}
 
 
+def _serves(name: str, op: str, device_type: str) -> bool:
+    """Whether backend ``name`` has a kernel of its own for ``op`` on ``device_type``
+    (the compiled library registers some ops for the CPU only)."""
+    if name == "triton":
+        return _triton_impl(op) is not None
+    if name in ("cpp", "cuda"):
+        key = "CUDA" if device_type == "cuda" else "CPU"
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"astra_C::{op}", key)
+    return True
+
+
 def _requested(device_type: str) -> str | None:
     if device_type in _override:
         return _override[device_type]
@@ -135,12 +146,10 @@ def _choose(op: str, device_type: str, want: str | None) -> str:
             raise RuntimeError(
                 f"Astra backend {want!r} was requested for {device_type} tensors but is "
                 f"not available here (available: {', '.join(avail)})")
-        if want == "triton" and _triton_impl(op) is None:
-            return "reference"
-        return want
+        return want if _serves(want, op, device_type) else "reference"
     pref = _CUDA_PREFERENCE if device_type == "cuda" else _CPU_PREFERENCE
     for name in pref:
-        if name in avail and (name != "triton" or _triton_impl(op) is not None):
+        if name in avail and _serves(name, op, device_type):
             return name
     return "reference"
 

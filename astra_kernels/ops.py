@@ -47,6 +47,10 @@ Kernel contract (what every backend may assume):
   row's visible keys gives NaN out and lse and a masked one never reaches its lse.
 - ``merge_attention``: ``out_* [..., d]`` one dtype, ``lse_* [...]`` float32, same shapes;
   a NaN ``lse`` on either side gives a NaN row (out and lse).
+- ``int8_linear``: ``x [M, K]`` contiguous float (fp32/fp16/bf16), ``weight [N, K]``
+  contiguous int8, ``scale [N]`` and ``bias [N]`` (or None) contiguous float32; returns
+  ``[M, N]`` in x's dtype, ``y[m, n] = scale[n] * sum_k x[m, k] * weight[n, k] + bias[n]``
+  summed in fp32.
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ SCHEMAS = {
                        "Tensor? rope_sin=None) -> (Tensor, Tensor)",
     "merge_attention": "merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, "
                        "Tensor lse_b) -> (Tensor, Tensor)",
+    "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor",
 }
 
 
@@ -133,6 +138,11 @@ def _mixed_attention_fake(q, k, v, codes, pk, pv, remote_k, remote_v, causal=Fal
                           rope_cos=None, rope_sin=None):
     B, H, Tq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.register_fake("astra::int8_linear")
+def _int8_linear_fake(x, weight, scale, bias=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.register_fake("astra::merge_attention")

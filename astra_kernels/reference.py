@@ -193,3 +193,13 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
     wb = torch.exp(lse_b - safe).unsqueeze(-1)
     out = wa * out_a.float() + wb * out_b.float()
     return out.to(out_a.dtype), lse
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """``y = (x @ weight^T) * scale + bias`` in float32 with int8 ``weight [N, K]``
+    (weight-only quantization, one scale per output row); ``[M, N]`` in x's dtype."""
+    y = (x.float() @ weight.float().t()) * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -137,11 +137,18 @@ def runs():
     chunks = [8, 8, 7]
     jobs = [Job("single", x, max_new_tokens=n, generation=gen),
             Job("sp", x, chunks=chunks, max_new_tokens=n, generation=gen),
-            Job("astra", x, codebooks=cb, chunks=chunks, max_new_tokens=n, generation=gen)]
+            Job("astra", x, codebooks=cb, chunks=chunks, max_new_tokens=n, generation=gen),
+            # the lean decoder (astra.decode) on the decoding rank
+            Job("single", x, max_new_tokens=n, generation=gen, decode_weights="fp32",
+                name="lean"),
+            Job("astra", x, codebooks=cb, chunks=chunks, max_new_tokens=n, generation=gen,
+                decode_weights="fp32", name="lean"),
+            Job("astra", x, codebooks=cb, chunks=chunks, max_new_tokens=n, generation=gen,
+                decode_weights="int8", name="int8")]
     streamed = []
     res = launch(spec, jobs, 3, stream=streamed.append)
-    out = {j.strategy: [r["generation"] for r in rr if r["generation"]] for j, rr in
-           zip(jobs, res)}
+    out = {(j.strategy + (f"-{j.name}" if j.name else "")):
+           [r["generation"] for r in rr if r["generation"]] for j, rr in zip(jobs, res)}
     return dict(ref=ref[0], sim=sim, out=out, streamed=streamed, res=res, n=n)
 
 
@@ -150,6 +157,19 @@ def test_runner_generates_what_the_simulation_does(runs):
     assert len(got) == 1  # one rank decodes
     assert torch.equal(got[0]["tokens"], runs["sim"])
     assert not torch.equal(got[0]["tokens"], runs["ref"])
+
+
+@pytest.mark.parametrize("job", ["single-lean", "astra-lean"])
+def test_runner_lean_decoder_generates_the_same_tokens(runs, job):
+    """``decode_weights="fp32"``: the decoding rank's lean decoder gives the tokens of
+    HF's forward (one device: HF's greedy; astra: the simulation's)."""
+    want = runs["ref"] if job.startswith("single") else runs["sim"]
+    assert torch.equal(runs["out"][job][0]["tokens"], want)
+
+
+def test_runner_int8_decoder_generates(runs):
+    g = runs["out"]["astra-int8"][0]
+    assert g["new_tokens"] == runs["n"] and g["remote_tokens"] == 16
 
 
 @pytest.mark.parametrize("strategy", ["single", "sp"])
@@ -165,7 +185,8 @@ def test_runner_streams_every_token_and_reports_the_cache(runs):
         else:
             passes.append(cur)
             cur = []
-    assert passes == [runs["out"][s][0]["tokens"].tolist() for s in ("single", "sp", "astra")]
+    assert passes == [runs["out"][s][0]["tokens"].tolist() for s in
+                      ("single", "sp", "astra", "single-lean", "astra-lean", "astra-int8")]
     g = runs["out"]["astra"][0]
     assert g["remote_tokens"] == 16 and g["new_tokens"] == runs["n"]
     # fp16 K/V of 16 tokens: 2 layers x (K and V) x 2 KV heads x 16 dims x 2 bytes

@@ -11,7 +11,8 @@ The interpreter is slow, so its shapes are the small ones of each list.
 Oracles (:mod:`tests.oracles`): the float64 nearest codeword (and faiss
 ``IndexFlatL2``) for ``vq_encode``, the bit-stream definition for ``pack_codes``,
 float64 SDPA over K/V built from the tables for ``mixed_attention``, the float64
-merge formula for ``merge_attention``. Backend-specific paths are tested in
+merge formula for ``merge_attention``, the float64 product of x with the int8 rows
+for ``int8_linear``. Backend-specific paths are tested in
 ``test_cpu_kernels``, ``test_triton`` and ``test_cuda``.
 """
 import contextlib
@@ -640,6 +641,8 @@ def _sample_args():
                             pos["kv_pos"], pos["remote_pos"], 0.2),
         "merge_attention": (torch.randn(2, 3, 8), torch.randn(2, 3), torch.randn(2, 3, 8),
                             torch.randn(2, 3)),
+        "int8_linear": (torch.randn(3, 20), torch.randint(-127, 128, (7, 20), dtype=torch.int8),
+                        torch.rand(7) + 0.1, torch.randn(7)),
     }
 
 
@@ -809,3 +812,113 @@ def test_oracles_catch_a_wrong_kernel():
         assert_codes_exact(bad, x, cb)
     with pytest.raises(AssertionError, match="not nearest"):
         assert_codes_near_optimal(bad, x, cb)
+
+
+# ------------------------------------------------------------------------- int8_linear
+# weight-only int8 linear: the float64 product of x with the int8 rows, times the scales
+
+# M, N, K: decode (M = 1), a few rows, the GEMM path (M > 16), K past one 4096 block
+INT8_SHAPES = [(1, 1, 1), (1, 7, 5), (1, 33, 100), (3, 17, 64), (16, 9, 31), (17, 40, 70),
+          (2, 300, 48), (1, 5, 4100), (40, 3, 8)]
+INT8_OUT_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _int8_inputs(M, N, K, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4).to(dtype)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    q, s = ak.quantize_int8(w)
+    return x, q, s, b
+
+
+def _int8_oracle(x, q, s, b):
+    """float64 ``(x @ q^T) * s + b`` and a bound on what float32 sums and the CPU
+    kernel's 16-bit rounding of each row of x may add to it."""
+    x64, q64 = x.double(), q.double()
+    y = (x64 @ q64.t()) * s.double()
+    if b is not None:
+        y = y + b.double()
+    mag = (x64.abs() @ q64.abs().t()) * s.double()
+    xs = x64.abs().amax(1, keepdim=True) / 32767  # the int16 step of each row
+    rounding = 0.5 * xs * (q64.abs().sum(1) * s.double())[None, :]
+    return y, 1e-5 * mag + rounding + 1e-6
+
+
+@pytest.mark.parametrize("backend,case", grid(
+    [(m, n, k, dt, bias) for (m, n, k) in INT8_SHAPES
+     for dt in (torch.float32, torch.bfloat16, torch.float16) for bias in (False, True)
+     if dt == torch.float32 or (m, n, k) in ((1, 33, 100), (17, 40, 70))],
+    small=lambda c: c[0] * c[1] * c[2] <= 25000,
+    ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-{'bias' if c[4] else 'nobias'}"),
+    indirect=["backend"])
+def test_int8_linear_matches_the_oracle(backend, case):
+    serves(backend, "int8_linear")
+    M, N, K, dtype, bias = case
+    x, q, s, b = _int8_inputs(M, N, K, dtype, bias)
+    dev = backend.device
+    y = ak.int8_linear(x.to(dev), q.to(dev), s.to(dev), None if b is None else b.to(dev))
+    assert y.shape == (M, N) and y.dtype == dtype and y.device.type == dev
+    ref, tol = _int8_oracle(x, q, s, b)
+    # rounding the output: half an ulp, a whole one where the interpreter truncates bf16
+    tol = tol + ref.abs() * INT8_OUT_ULP[dtype] * (1 + 2 * backend.ulps(dtype))
+    err = (y.cpu().double() - ref).abs()
+    assert bool((err <= tol).all()), f"max excess {(err - tol).max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", grid(), indirect=True)
+def test_int8_linear_nan_rows(backend):
+    """A NaN in a row of x makes that row's outputs NaN, and only that row's."""
+    serves(backend, "int8_linear")
+    x, q, s, b = _int8_inputs(3, 11, 40, torch.float32, True)
+    x[1, 7] = float("nan")
+    dev = backend.device
+    y = ak.int8_linear(x.to(dev), q.to(dev), s.to(dev), b.to(dev)).cpu()
+    assert bool(y[1].isnan().all()) and bool(torch.isfinite(y[[0, 2]]).all())
+
+
+def test_int8_linear_takes_leading_dims_and_matches_int8linear():
+    x, q, s, b = _int8_inputs(6, 13, 24, torch.float32, True)
+    x3 = x.reshape(2, 3, 24)
+    y = ak.int8_linear(x3, q, s, b)
+    assert y.shape == (2, 3, 13)
+    torch.testing.assert_close(y.reshape(6, 13), ak.int8_linear(x, q, s, b))
+    lin = ak.Int8Linear(q, s, b)
+    assert torch.equal(lin(x3), y) and lin.nbytes == 13 * 24 + 4 * 13
+    w = torch.randn(13, 24)
+    lq = ak.Int8Linear.quantize(w)
+    torch.testing.assert_close(lq(x), x @ (lq.weight.float() * lq.scale[:, None]).t(),
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_quantize_int8_rounds_each_row_to_its_own_scale():
+    w = torch.randn(9, 50) * torch.logspace(-3, 2, 9)[:, None]
+    w[4] = 0
+    q, s = ak.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (9,)
+    assert s[4] == 1 and bool((q[4] == 0).all())
+    assert bool((q.abs().amax(1)[[0, 1, 2, 3, 5, 6, 7, 8]] == 127).all())
+    assert bool(((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7 * w.abs()).all())
+
+
+@pytest.mark.parametrize("args, err, msg", [
+    (lambda x, q, s: (x, q.float(), s), TypeError, "weight has dtype"),
+    (lambda x, q, s: (x[:, :5], q, s), ValueError, "last dim must be K"),
+    (lambda x, q, s: (x, q, s[:3]), ValueError, "scale has shape"),
+    (lambda x, q, s: (x, q, s, torch.zeros(2)), ValueError, "bias has shape"),
+    (lambda x, q, s: (x.long(), q, s), TypeError, "x has dtype"),
+])
+def test_int8_linear_refuses_bad_input(args, err, msg):
+    x, q, s, _ = _int8_inputs(2, 4, 8, torch.float32, False)
+    with pytest.raises(err, match=msg):
+        ak.int8_linear(*args(x, q, s))
+    if err is ValueError and "bias" not in msg and "scale" not in msg:
+        with pytest.raises(err, match=msg):
+            ak.Int8Linear(q, s)(args(x, q, s)[0])
+
+
+def test_quantize_int8_refuses_non_finite_weights():
+    w = torch.randn(3, 4)
+    w[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        ak.quantize_int8(w)

@@ -18,6 +18,7 @@ on CPU tensors in Triton's interpreter (one autotune config, no timing). Set
 import os
 import warnings
 
+from .int8_linear import _int8_linear_kernel, int8_linear_op, int8_linear_triton
 from .mixed_attention import (
     _code_counts_kernel,
     _merge_attention_kernel,
@@ -35,11 +36,13 @@ IMPLS = {
     "vq_encode": vq_encode_triton,
     "mixed_attention": mixed_attention_triton,
     "merge_attention": merge_attention_triton,
+    "int8_linear": int8_linear_triton,
 }
 OPS = {
     "vq_encode": vq_encode_op,
     "mixed_attention": mixed_attention_op,
     "merge_attention": merge_attention_op,
+    "int8_linear": int8_linear_op,
 }
 
 KERNELS = {
@@ -47,6 +50,7 @@ KERNELS = {
     "mixed_attention": _mixed_attention_fwd_kernel,
     "merge_attention": _merge_attention_kernel,
     "code_counts": _code_counts_kernel,
+    "int8_linear": _int8_linear_kernel,
 }
 
 

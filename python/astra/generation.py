@@ -33,7 +33,7 @@ import astra_kernels
 from .remote import KVSource, Rope
 
 __all__ = ["AstraCache", "AstraLayer", "greedy", "record", "record_simulated",
-           "attend_cached", "cache_kw"]
+           "attend_cached", "attend_layer", "cache_kw"]
 
 
 @dataclass
@@ -69,6 +69,13 @@ class AstraLayer(DynamicLayer):
     remote tokens (positions ``remote_pos``) as packed codes, or as keys/values
     (``remote_kv``) where the layer has no codes."""
 
+    # buffers grow in steps of this many rows (and at least double), so that a decode
+    # step writes its token in place instead of copying the whole cache (torch.cat)
+    ROWS = 256
+    # the position of a row not written yet: after every query, so causal masking
+    # hides it (and the kernels skip whole tiles of such rows)
+    UNSET = torch.iinfo(torch.int64).max
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pos: Optional[Tensor] = None
@@ -76,6 +83,7 @@ class AstraLayer(DynamicLayer):
         self.remote_kv: Optional[KVSource] = None
         self.remote_pos: Optional[Tensor] = None
         self.rope: Optional[Rope] = None
+        self._buf: Optional[tuple] = None  # (keys, values [B, Hkv, cap, d], positions [cap])
 
     @property
     def n_remote(self) -> int:
@@ -84,15 +92,70 @@ class AstraLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return super().get_seq_length() + self.n_remote
 
+    def _n(self) -> int:
+        return 0 if self.keys is None or self.keys.numel() == 0 else int(self.keys.shape[-2])
+
+    def _buffered(self) -> bool:
+        """Whether ``keys``/``values``/``pos`` are still the views of the buffers
+        (HF's own methods, e.g. ``batch_select_indices``, replace them with copies)."""
+        if self._buf is None or self.keys is None or self.pos is None:
+            return False
+        kb, vb, pb = self._buf
+        n = self._n()
+        return (self.keys.data_ptr() == kb.data_ptr() and self.values.data_ptr() == vb.data_ptr()
+                and self.keys.shape == kb[:, :, :n].shape and self.pos.data_ptr() == pb.data_ptr()
+                and self.pos.shape[0] == n)
+
+    def _reserve(self, like: Tensor, extra: int) -> None:
+        """Buffers with room for ``extra`` more rows, holding what the layer holds, and
+        ``keys``/``values``/``pos`` as their views (``like``: a ``[B, Hkv, *, d]``
+        tensor of the dtype and device to allocate)."""
+        n = self._n()
+        if self._buffered() and self._buf[0].shape[2] >= n + extra:
+            return
+        # at least ROWS rows of room after the request: a prefill's buffers take the
+        # first decode steps without growing
+        cap = -(-max(n + extra + self.ROWS, 2 * n) // self.ROWS) * self.ROWS
+        B, Hkv, _, d = like.shape
+        kb, vb = like.new_zeros(B, Hkv, cap, d), like.new_zeros(B, Hkv, cap, d)
+        pb = torch.full((cap,), self.UNSET, dtype=torch.int64, device=like.device)
+        if n:
+            kb[:, :, :n], vb[:, :, :n] = self.keys, self.values
+            pb[:n] = (self.pos[:n] if self.pos is not None
+                      else torch.arange(n, device=like.device))
+        self._buf = (kb, vb, pb)
+        self.keys, self.values, self.pos = kb[:, :, :n], vb[:, :, :n], pb[:n]
+
     def append(self, k: Tensor, v: Tensor, pos: Tensor):
-        """Add exact keys/values at positions ``pos``; every local key/value."""
-        keys, values = self.update(k, v)
-        self.pos = pos if self.pos is None else torch.cat([self.pos, pos])
-        return keys, values
+        """Add exact keys/values ``[B, Hkv, T, d]`` at positions ``pos [T]``; every
+        local key/value. Written in place into buffers that grow geometrically; returns
+        the layer's keys and values (views of them)."""
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        n, T = self._n(), k.shape[2]
+        self._reserve(k, T)
+        kb, vb, pb = self._buf
+        kb[:, :, n:n + T], vb[:, :, n:n + T], pb[n:n + T] = k, v, pos
+        self.keys, self.values, self.pos = kb[:, :, :n + T], vb[:, :, :n + T], pb[:n + T]
+        return self.keys, self.values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        """HF's entry: append at the next positions (no remote tokens after them)."""
+        n = self.get_seq_length()
+        pos = torch.arange(n, n + key_states.shape[2], device=key_states.device)
+        return self.append(key_states, value_states, pos)
+
+    def buffers(self) -> tuple:
+        """``(keys, values [B, Hkv, cap, d], positions [cap])``: the whole buffers, rows
+        not written yet at position :attr:`UNSET` (hidden by causal masking). A kernel
+        reads them without a copy, where ``keys``/``values`` views would need one."""
+        self._reserve(self.keys, 0)
+        return self._buf
 
     def reset(self) -> None:
         super().reset()
         self.pos = self.codes = self.remote_kv = self.remote_pos = self.rope = None
+        self._buf = None
 
     def remote_bytes(self) -> int:
         """Bytes the remote tokens take in this layer (codes packed, or K/V tensors)."""
@@ -274,20 +337,32 @@ def attend_cached(m, x: Tensor, layer, mask: Optional[Tensor],
     if torch.is_grad_enabled() and any(p.requires_grad for p in m.parameters()):
         raise RuntimeError("generation runs under torch.no_grad()")
     _check_mask(mask)
-    B, T, _ = x.shape
+    T = x.shape[1]
     start = layer.get_seq_length()
     pos = torch.arange(start, start + T, device=x.device)
     rope = Rope(*rope) if rope is not None else m._rope_at(x, pos)
     q, k, v = m.project_qkv(x)
     q, k = m._rot(q, k, rope)
+    return attend_layer(m, q, k, v, layer, pos)
+
+
+def attend_layer(m, q: Tensor, k: Tensor, v: Tensor, layer, pos: Tensor) -> Tensor:
+    """The attention half of :func:`attend_cached`: queries ``q [B, H, T, d]`` and the
+    new keys/values ``k, v [B, Hkv, T, d]`` (rotated, at positions ``pos [T]``, which
+    follow every cached token) against ``layer``, which keeps ``k, v``. ``[B, T, H*d]``."""
+    B, _, T, _ = q.shape
+    kw = dict(scale=m.scale, causal=T > 1)
     if not isinstance(layer, AstraLayer):  # HF's own layer: one device, positions 0..
         keys, values = layer.update(k, v)
-        layer = _Plain(torch.arange(keys.shape[2], device=x.device))
+        layer = _Plain(torch.arange(keys.shape[2], device=q.device))
+        kv_pos = layer.pos
     else:
-        keys, values = layer.append(k, v, pos)
-    kw = dict(scale=m.scale, causal=T > 1)
-    if T > 1:
-        kw.update(q_pos=pos, kv_pos=layer.pos,
+        # the whole buffers, rows not yet written masked by their positions: no copy
+        layer.append(k, v, pos)
+        keys, values, kv_pos = layer.buffers()
+        kw["causal"] = True
+    if kw["causal"]:
+        kw.update(q_pos=pos, kv_pos=kv_pos,
                   remote_pos=layer.remote_pos if layer.n_remote else pos[:0])
     if layer.codes is not None:
         kt = m.kernel_tables()

@@ -40,6 +40,8 @@ LLM_CALIB_ITERS = 8
 QUANTIZE_TARGETS = ("x", "kv")  # what codebooks quantize: X or [k; v] (astra.codebooks)
 LLM_QUANTIZE = "kv"     # causal LLMs: [k; v] (+9.2% ppl against X's +11.1%, SmolLM2 N=4)
 LLM_STAGES = (64,)      # causal LLMs at G=1: a refined residual stage (16 bits: +8.3%)
+DECODE_WEIGHTS = ("fp32", "int8")  # the weights a decode step reads (astra.decode)
+GENERATE_WEIGHTS = "int8"  # generate / demo / bench e2e: a quarter of fp32's bytes per token
 GREEDY_TOKENS = 32      # greedy tokens compared per prompt (``greedy32_identical``)
 
 # ------------------------------------------------------------------------------ fine-tuning

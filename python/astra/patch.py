@@ -19,6 +19,7 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import decode as _decode
 from . import models as _models
 from .attention import AstraAttention, Communicator
 from .codebooks import Codebooks
@@ -150,6 +151,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     record: Optional[_PatchRecord] = getattr(model, _ATTR, None)
     if record is None:
         raise ValueError("model is not patched by Astra")
+    _decode.uninstall(model)
     for h in record.hooks:
         h.remove()
     for parent, name, orig, new in reversed(record.swaps):

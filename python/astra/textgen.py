@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from .options import DECODE_WEIGHTS, GENERATE_WEIGHTS
 from .options import GENERATE_STRATEGIES as STRATEGIES
 
 __all__ = ["prompt_ids", "generate", "STRATEGIES", "TextStream"]
@@ -64,19 +65,25 @@ def generate(model: str, ids: torch.Tensor, *, devices: int = 4, strategy: str =
              clock: str = "virtual", chunks: Optional[List[int]] = None,
              generation: Optional[Dict[str, Any]] = None, repeats: int = 1,
              on_text: Optional[Callable[[str], None]] = None, prepared=None,
-             threads: int = 1, timeout_s: float = 600.0) -> Dict[str, Any]:
+             threads: int = 1, timeout_s: float = 600.0,
+             decode_weights: str = GENERATE_WEIGHTS) -> Dict[str, Any]:
     """Prefill ``ids [1, T]`` on ``devices`` ranks by ``strategy`` (``single``: one rank;
     ``auto``: the planner's choice of devices and chunks, or one device, for the prefill;
     the row then carries ``"plan"``) and generate ``max_new_tokens`` on the last; the
     summary row (see the module docstring). ``prepared``: a
     :class:`astra.catalog.Prepared` to reuse; ``timeout_s``: how long a rank waits for a
-    peer (the run then stops naming the silent rank)."""
+    peer (the run then stops naming the silent rank); ``decode_weights``: ``int8`` or
+    ``fp32`` (the weights a decode step reads, :mod:`astra.decode`; ``fp32`` gives HF's
+    own logits)."""
     from astra import catalog
     from astra.catalog import llm
     from astra.parallel.links import LinkModel
     from astra.parallel.runner import Job, check_chunks, launch
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ValueError(f"decode weights must be one of {', '.join(DECODE_WEIGHTS)}, "
+                         f"got {decode_weights!r}")
     if strategy == "auto" and chunks is not None:
         raise ValueError("--chunks fixes the split: give it with --strategy astra (auto "
                          "chooses the devices and chunks itself)")
@@ -101,7 +108,8 @@ def generate(model: str, ids: torch.Tensor, *, devices: int = 4, strategy: str =
     job = Job(strategy, ids, codebooks=prep.codebooks if strategy == "astra" else None,
               chunks=chunks, output="compact", link=LinkModel(bandwidth_mbps, latency_ms),
               clock=clock, repeats=repeats, warmup=0, timeout_s=timeout_s,
-              max_new_tokens=max_new_tokens, generation=generation or dict(do_sample=False))
+              max_new_tokens=max_new_tokens, generation=generation or dict(do_sample=False),
+              decode_weights=decode_weights)
     tok = llm.load_tokenizer(llm.model_source(model))
     stream = TextStream(tok, on_text) if on_text else None
     res = launch(prep.spec, [job], world, stream=stream, threads=threads)[0]
@@ -119,4 +127,5 @@ def generate(model: str, ids: torch.Tensor, *, devices: int = 4, strategy: str =
                 remote_kv_fp16_bytes=g["remote_kv_fp16_bytes"],
                 remote_tokens=g["remote_tokens"], devices=world, strategy=strategy,
                 chunks=res[0]["chunks"], bandwidth_mbps=bandwidth_mbps, latency_ms=latency_ms,
-                clock=clock, threads=threads, plan=None if plan is None else plan.as_dict())
+                clock=clock, threads=threads, decode_weights=decode_weights,
+                plan=None if plan is None else plan.as_dict())

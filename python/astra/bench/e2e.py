@@ -10,7 +10,9 @@ sequence). Models and their codebooks come from :mod:`astra.catalog`.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
+
+from ..options import GENERATE_WEIGHTS
 
 
 def bound(N: int, L: int, latency_s: float, t1: float) -> float:
@@ -25,13 +27,15 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
              tokens: int = 256, repeats: int = 3, timeout_s: float = 300.0,
              setup_result=None, quiet: bool = False, medium: str = "shared",
              warmup: int = 1, decode_tokens: int = 0,
-             speeds: Optional[List[float]] = None) -> List[dict]:
+             speeds: Optional[List[float]] = None,
+             decode_weights: Sequence[str] = (GENERATE_WEIGHTS,)) -> List[dict]:
     """Every strategy (sp/tp/ring once per wire) at every bandwidth on ``devices`` ranks;
     the rows, printed as a table unless ``quiet``. ``setup_result``: a
     :class:`astra.catalog.Prepared` to reuse (default: :func:`astra.catalog.prepare`).
     ``decode_tokens`` (causal LMs): also generate that many tokens after the prompt by
     ``single`` and ``astra`` at the first bandwidth (rows with ``decode_tok_s``, the
-    time to first token ``ttft_ms`` and the whole request ``request_ms``).
+    time to first token ``ttft_ms`` and the whole request ``request_ms``), once per
+    entry of ``decode_weights`` (``fp32``/``int8``: the weights a decode step reads).
     ``"auto"`` among the strategies: the planner's choice at each bandwidth, run on the
     devices it picks (rows carry ``"plan"``: strategy, devices, chunks, predicted_ms).
     ``speeds``: each rank's emulated speed (``--device-speeds``; default all 1)."""
@@ -58,13 +62,13 @@ def run_grid(name: str, devices: int, bandwidths: List[float], latency_ms: float
                 keys.append((bw, s, w))
     gen_keys = []
     for s in (("single", "astra") if decode_tokens else ()):
-        if s in strategies:
+        for dw in (decode_weights if s in strategies else ()):
             jobs.append(Job(s, inputs, codebooks=cbs if s == "astra" else None, output="compact",
                             link=LinkModel(bandwidths[0], latency_ms, medium=medium),
                             clock=clock, repeats=1, warmup=0, timeout_s=timeout_s,
-                            max_new_tokens=decode_tokens,
+                            max_new_tokens=decode_tokens, decode_weights=dw,
                             generation=dict(do_sample=False, min_new_tokens=decode_tokens)))
-            gen_keys.append((bandwidths[0], s, "decode"))
+            gen_keys.append((bandwidths[0], s, dw))
     if link == "netns":
         if gen_keys or "auto" in strategies:
             raise ValueError("--decode and the auto strategy run on the emulated or virtual "
@@ -158,21 +162,23 @@ def hf_generate_anchor(spec, inputs, new_tokens: int) -> dict:
             t2 = time.perf_counter()
     finally:
         torch.set_num_threads(threads)
-    return dict(model="hf", strategy="hf generate", wire="decode", devices=1,
+    return dict(model="hf", strategy="hf generate", wire="decode", devices=1, decode_weights="fp32",
                 bandwidth_mbps=0.0, ttft_ms=None, prefill_ms=(t1 - t0) * 1e3,
                 decode_tok_s=new_tokens / (t2 - t1), new_tokens=new_tokens,
                 request_ms=(t2 - t0) * 1e3, remote_kv_bytes=0, remote_kv_fp16_bytes=0)
 
 
 def decode_row(model: str, key, res: List[dict], devices: int, new_tokens: int) -> dict:
-    """A generation job's row: TTFT, decode tokens/s, the whole request, the cache."""
-    bw, s, _ = key
+    """A generation job's row: TTFT, decode tokens/s, the whole request, the cache;
+    ``key = (bandwidth, strategy, decode weights)``."""
+    bw, s, dw = key
     g = next(r["generation"] for r in res if r.get("generation"))
     request = g["ttft_s"] + max(g["new_tokens"] - 1, 0) / g["decode_tok_s"] \
         if g["decode_tok_s"] else g["ttft_s"]
     return dict(model=model, strategy=s, wire="decode", devices=1 if s == "single" else devices,
                 bandwidth_mbps=bw, ttft_ms=g["ttft_s"] * 1e3, decode_tok_s=g["decode_tok_s"],
-                new_tokens=g["new_tokens"], request_ms=request * 1e3,
+                new_tokens=g["new_tokens"], request_ms=request * 1e3, decode_weights=dw,
+                tokens=g["tokens"].tolist(),
                 remote_kv_bytes=g["remote_kv_bytes"],
                 remote_kv_fp16_bytes=g["remote_kv_fp16_bytes"])
 
@@ -180,17 +186,20 @@ def decode_row(model: str, key, res: List[dict], devices: int, new_tokens: int) 
 def print_decode(rows: List[dict]) -> None:
     """The generation rows, decode rates against one device (the fused kernels) and
     against HF's own ``generate`` (the anchor)."""
-    single = next((r for r in rows if r["strategy"] == "single"), None)
     hf = next((r for r in rows if r["strategy"] == "hf generate"), None)
+
+    def single(r):  # one device with the same decode weights
+        return next((s for s in rows if s["strategy"] == "single"
+                     and s["decode_weights"] == r["decode_weights"]), None)
 
     def ratio(r, ref):
         return f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
-    print(f"\n{'decode':<12}{'N':>3}{'TTFT ms':>10}{'tok/s':>8}{'vs single':>11}{'vs HF':>8}"
-          f"{'request ms':>12}{'remote KV B':>13}{'fp16 K/V B':>13}")
+    print(f"\n{'decode':<12}{'weights':>8}{'N':>3}{'TTFT ms':>10}{'tok/s':>8}{'vs single':>11}"
+          f"{'vs HF':>8}{'request ms':>12}{'remote KV B':>13}{'fp16 K/V B':>13}")
     for r in rows:
         ttft = f"{r['ttft_ms']:.0f}" if r["ttft_ms"] is not None else "-"
-        print(f"{r['strategy'][:12]:<12}{r['devices']:>3}{ttft:>10}"
-              f"{r['decode_tok_s']:>8.1f}{ratio(r, single):>11}{ratio(r, hf):>8}"
+        print(f"{r['strategy'][:12]:<12}{r['decode_weights']:>8}{r['devices']:>3}{ttft:>10}"
+              f"{r['decode_tok_s']:>8.1f}{ratio(r, single(r)):>11}{ratio(r, hf):>8}"
               f"{r['request_ms']:>12.0f}"
               f"{r['remote_kv_bytes']:>13,}{r['remote_kv_fp16_bytes']:>13,}")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import RUN_STRATEGIES, STUDY_MODELS
+from ..options import DECODE_WEIGHTS, GENERATE_WEIGHTS, RUN_STRATEGIES, STUDY_MODELS
 from ._args import (
     add_timeout,
     csv_choices,
@@ -69,6 +69,10 @@ def _register_e2e(bsub) -> None:
                    help="causal LMs: also generate TOKENS after the prompt (single, astra): "
                    "TTFT, decode tokens/s, the whole request; with llama.cpp on one device "
                    "beside them where `astra bench llamacpp --build` has built it")
+    e.add_argument("--decode-weights", type=csv_choices(*DECODE_WEIGHTS),
+                   default=[GENERATE_WEIGHTS],
+                   help="with --decode: fp32,int8 (comma-separated): the weights a decode "
+                   "step reads, one row each")
     add_timeout(e, 300.0)
     e.add_argument("--json", metavar="PATH")
     e.add_argument("--plot", metavar="PATH.png")
@@ -84,7 +88,8 @@ def e2e_main(args: argparse.Namespace) -> int:
     rows = e2e.run_grid(args.model, args.devices, args.bandwidth, args.latency_ms,
                         args.strategies, args.wire, args.link, args.tokens, args.repeats,
                         medium=args.medium, warmup=args.warmup, decode_tokens=args.decode,
-                        timeout_s=args.timeout, speeds=_speeds(args))
+                        timeout_s=args.timeout, speeds=_speeds(args),
+                        decode_weights=args.decode_weights)
     anchor = _llamacpp_anchor(args)
     if anchor:
         rows.append(anchor)

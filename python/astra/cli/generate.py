@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..options import GENERATE_STRATEGIES
+from ..options import DECODE_WEIGHTS, GENERATE_STRATEGIES, GENERATE_WEIGHTS
 from ._args import add_timeout, csv_ints, nonnegative_float, positive_float, positive_int
 
 
@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="auto: the planner picks the prefill's devices and chunks, or one "
                    "device alone (default)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--decode-weights", choices=DECODE_WEIGHTS, default=GENERATE_WEIGHTS,
+                   help="the weights a decode step reads: int8 (a quarter of the bytes; the "
+                   "default) or fp32 (the model's own: HF's logits exactly)")
     p.add_argument("--bandwidth", type=positive_float, default=10.0, help="Mbit/s")
     p.add_argument("--latency-ms", type=nonnegative_float, default=0.5,
                    help="one-way latency per transfer")
@@ -57,7 +60,7 @@ def _print_summary(row: dict) -> None:
           f"tokens, {row['new_tokens']} generated, {row['bandwidth_mbps']:g} Mbit/s "
           f"{row['clock']} clock")
     print(f"  TTFT {row['ttft_ms']:.0f} ms (prefill {row['prefill_ms']:.0f} ms)   decode "
-          f"{row['decode_tok_s']:.1f} tokens/s")
+          f"{row['decode_tok_s']:.1f} tokens/s ({row['decode_weights']} weights)")
     print(f"  bytes sent per device {row['bytes_per_device']:,}")
     print(f"  remote KV cache {rem:,} bytes for {row['remote_tokens']} tokens; fp16 K/V "
           f"would take {fp16:,}{ratio}")
@@ -88,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
                            max_new_tokens=args.max_new_tokens, bandwidth_mbps=args.bandwidth,
                            latency_ms=args.latency_ms, clock=args.clock, chunks=args.chunks,
                            generation=gen, on_text=None if args.quiet else show,
-                           timeout_s=args.timeout)
+                           timeout_s=args.timeout, decode_weights=args.decode_weights)
     if not args.quiet:
         print()
     _print_summary(row)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..options import GENERATE_WEIGHTS
+
 DEVICES = 4
 PROMPT_TOKENS = 2000
 MAX_NEW_TOKENS = 48
@@ -67,7 +69,8 @@ def print_table(rows: List[Dict], new_tokens: int) -> None:
         print(f"{r['strategy'] + w:<14}{r['devices']:>3}{r['ttft_ms']:>10.0f}"
               f"{single['ttft_ms'] / r['ttft_ms']:>10.2f}x{dec:>14}{whole:>12}{sp2:>11}"
               f"{r['bytes_per_device']:>12,}")
-    print(f"(request: TTFT + {new_tokens - 1} more tokens at the decode rate)")
+    print(f"(request: TTFT + {new_tokens - 1} more tokens at the decode rate; Astra and "
+          f"one device decode with {GENERATE_WEIGHTS} weights, llama.cpp reads its GGUF's)")
 
 
 def plot(rows: List[Dict], path: str) -> None:
@@ -158,7 +161,8 @@ def run(devices: int = DEVICES, plot_path: Optional[str] = "astra-demo.png",
         return Job(s, ids, wire=wire, codebooks=prep.codebooks if s == "astra" else None,
                    chunks=chunks if s == "astra" else None,
                    output="compact", link=link, clock="virtual", timeout_s=900.0,
-                   max_new_tokens=new_tokens if generate else 0, generation=gen)
+                   max_new_tokens=new_tokens if generate else 0, generation=gen,
+                   decode_weights=GENERATE_WEIGHTS)
     jobs = [job("astra"), job("single"), job("sp", "int8"), job("tp", "int8", False),
             job("ring", "int8", False)]
     shown = []  # the first pass is Astra's answer: streamed

@@ -60,6 +60,11 @@ class LlamaAstraAttention(HFAstraAttention):
         t = t.view(*t.shape[:-1], t.shape[-1] // self.head_dim, self.head_dim)
         return (t if norm is None else norm(t)).transpose(1, 2)
 
+    def split_heads(self, q, k, v):
+        """Projections ``[B, T, H*d]``, ``[B, T, Hkv*d]`` x2 -> heads ``[B, H|Hkv, T, d]``
+        (qwen3: with its query/key norms), as :meth:`project_qkv` makes them."""
+        return self._heads(q, self.q_norm), self._heads(k, self.k_norm), self._heads(v, None)
+
     def project_q(self, x):
         return self._heads(self.q_proj(x), self.q_norm)
 

@@ -80,8 +80,6 @@ def generate_forward(r, job) -> Optional[Dict[str, Any]]:
     """One timed pass of a generation job on this rank; the decoding rank returns
     ``tokens``, ``prefill_s``, ``ttft_s``, ``decode_s``, ``decode_tok_s`` and the KV
     cache's sizes, every other rank None."""
-    from transformers.cache_utils import DynamicCache
-
     from astra.generation import AstraCache, cache_kw
     me = decoder_rank(job.strategy, r.world)
     prompt = job.inputs
@@ -90,7 +88,7 @@ def generate_forward(r, job) -> Optional[Dict[str, Any]]:
     if job.strategy == "single":
         if r.rank != 0:
             return None
-        cache = DynamicCache()
+        cache = AstraCache()  # N = 1: every token exact, the decoder's buffers
         # the prompt's logits are not needed (logits_to_keep=1: no 49k-wide LM head over
         # every position, as the distributed ranks skip it too)
         r.model(prompt[:, :-1], use_cache=True, logits_to_keep=1, **{cache_kw(r.model): cache})

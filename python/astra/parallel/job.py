@@ -53,7 +53,8 @@ class Job:
     job (:mod:`astra.parallel.generate`): the ranks prefill ``inputs`` but its last
     token, then the rank holding the last chunk generates with HF ``generate``
     keyword arguments ``generation`` (``do_sample``, ``temperature``, ... and
-    ``seed``).
+    ``seed``); ``decode_weights`` (``fp32``/``int8``): the Llama family decodes by
+    :mod:`astra.decode` with those weights (None: HF's own forward).
     """
 
     strategy: str
@@ -73,6 +74,7 @@ class Job:
     name: str = ""
     max_new_tokens: int = 0
     generation: Optional[Dict[str, Any]] = None
+    decode_weights: Optional[str] = None
     watch_link: float = 0.0
 
 

@@ -345,6 +345,12 @@ def run_job(job: Job, model, rank: int, world: int,
         forward = lambda r: generate_forward(r, job)  # noqa: E731
     forward = _inject(job, rank, run.comm, forward)
     patched = strategy.setup(run, cbs)
+    if patched and job.max_new_tokens and job.decode_weights:
+        from astra import decode
+
+        from .generate import decoder_rank
+        if rank == decoder_rank(job.strategy, world) and run.adapter.family == "hf:llama":
+            decode.install(model, job.decode_weights)  # unpatch removes it
     try:
         with torch.no_grad():
             times, sent, waits, out, seen = _time(job, run.comm, lambda: forward(run), sync,
