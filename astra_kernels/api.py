@@ -414,27 +414,42 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
     return torch.ops.astra.merge_attention(*args)
 
 
-def quantize_int8(weight: Tensor) -> Tuple[Tensor, Tensor]:
-    """Symmetric per-row int8 quantization of a ``[N, K]`` float weight (an
-    ``nn.Linear`` layout): ``(int8 [N, K], float32 scale [N])`` with
-    ``weight ≈ q * scale[:, None]``, ``scale = max|row| / 127`` (1 for an all-zero row).
-    Non-finite weights are refused (``ValueError``)."""
+def quantize_int8(weight: Tensor, group_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Symmetric int8 quantization of a ``[N, K]`` float weight (an ``nn.Linear``
+    layout): ``(int8 [N, K], float32 scale)`` with one scale per row (``[N]``,
+    ``group_size`` None) or per ``group_size`` consecutive weights of a row
+    (``[N, K / group_size]``; a multiple of 32 that divides K): ``scale = max|group| /
+    127`` (1 for an all-zero group), ``weight ≈ q * scale``. Non-finite weights are
+    refused (``ValueError``)."""
     _tensor("weight", weight, FLOAT_DTYPES, ndim=2)
+    N, K = weight.shape
     w = weight.detach().float()
     if not bool(torch.isfinite(w).all()):
         raise ValueError("weight holds NaN or infinity; it cannot be quantized")
-    amax = w.abs().amax(1)
+    if group_size is None:
+        g = w.reshape(N, 1, K)
+    else:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or \
+                group_size < 32 or group_size % 32 or K % group_size:
+            raise ValueError(f"group_size must be a multiple of 32 that divides K={K}, "
+                             f"got {group_size}")
+        g = w.reshape(N, K // group_size, group_size)
+    amax = g.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.round(g / scale).clamp_(-127, 127).to(torch.int8).reshape(N, K)
+    scale = scale.reshape(N) if group_size is None else scale.reshape(N, K // group_size)
     return q.contiguous(), scale.contiguous()
 
 
 def _check_int8(weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
     _tensor("weight", weight, (torch.int8,), ndim=2)
-    _tensor("scale", scale, FLOAT_DTYPES, ndim=1)
-    N = weight.shape[0]
-    if scale.shape[0] != N:
-        raise ValueError(f"scale has shape {tuple(scale.shape)}; expected [N={N}]")
+    _tensor("scale", scale, FLOAT_DTYPES)
+    N, K = weight.shape
+    ng = scale.shape[1] if scale.dim() == 2 else 1
+    if scale.dim() not in (1, 2) or scale.shape[0] != N or ng < 1 or K % ng or \
+            (ng > 1 and (K // ng) % 32):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}; expected [N={N}] or "
+                         f"[N, groups] splitting K={K} into groups of a multiple of 32")
     if bias is not None:
         _tensor("bias", bias, FLOAT_DTYPES, ndim=1)
         if bias.shape[0] != N:
@@ -456,7 +471,8 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor,
     Args:
         x: ``[..., K]`` float32/float16/bfloat16.
         weight: ``[N, K]`` int8 (from :func:`quantize_int8`).
-        scale: ``[N]`` float, one per output row.
+        scale: ``[N]`` float, one per output row, or ``[N, K/g]``, one per group of
+            ``g`` consecutive weights of a row (``g`` a multiple of 32).
         bias: ``[N]`` float or None.
 
     Returns ``[..., N]`` in x's dtype. Decode multiplies one token by each weight once,
@@ -498,8 +514,9 @@ class Int8Linear:
         self.out_features, self.in_features = self.weight.shape
 
     @classmethod
-    def quantize(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "Int8Linear":
-        return cls(*quantize_int8(weight), bias)
+    def quantize(cls, weight: Tensor, bias: Optional[Tensor] = None,
+                 group_size: Optional[int] = None) -> "Int8Linear":
+        return cls(*quantize_int8(weight, group_size), bias)
 
     @property
     def nbytes(self) -> int:

@@ -48,9 +48,11 @@ Kernel contract (what every backend may assume):
 - ``merge_attention``: ``out_* [..., d]`` one dtype, ``lse_* [...]`` float32, same shapes;
   a NaN ``lse`` on either side gives a NaN row (out and lse).
 - ``int8_linear``: ``x [M, K]`` contiguous float (fp32/fp16/bf16), ``weight [N, K]``
-  contiguous int8, ``scale [N]`` and ``bias [N]`` (or None) contiguous float32; returns
-  ``[M, N]`` in x's dtype, ``y[m, n] = scale[n] * sum_k x[m, k] * weight[n, k] + bias[n]``
-  summed in fp32.
+  contiguous int8, ``scale`` contiguous float32 ``[N]`` (one per row) or ``[N, K/g]``
+  (one per group of ``g`` weights of a row, ``g`` a multiple of 32), ``bias [N]`` (or
+  None) contiguous float32; returns ``[M, N]`` in x's dtype,
+  ``y[m, n] = sum_k x[m, k] * weight[n, k] * scale[n, k // g] + bias[n]`` summed in fp32
+  (the CPU kernel rounds rows of up to 16 tokens of x to int16 first).
 """
 from __future__ import annotations
 

@@ -197,9 +197,13 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor,
                 bias: Optional[Tensor] = None) -> Tensor:
-    """``y = (x @ weight^T) * scale + bias`` in float32 with int8 ``weight [N, K]``
-    (weight-only quantization, one scale per output row); ``[M, N]`` in x's dtype."""
-    y = (x.float() @ weight.float().t()) * scale.float()
+    """``y = x @ (weight * scale)^T + bias`` in float32 with int8 ``weight [N, K]``
+    (weight-only quantization): ``scale [N]`` one per output row, or ``[N, K/g]`` one
+    per group of ``g`` consecutive weights of a row; ``[M, N]`` in x's dtype."""
+    N, K = weight.shape
+    s = scale.float().reshape(N, -1, 1)
+    w = (weight.float().reshape(N, s.shape[1], -1) * s).reshape(N, K)
+    y = x.float() @ w.t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

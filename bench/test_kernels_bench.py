@@ -15,6 +15,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _impl_names(case):
+    if isinstance(case, kb.LinearCase):
+        return ["astra", "torch_fp32"] + (["torch_int8"] if DEVICE == "cpu" else [])
     if isinstance(case, kb.VQCase):
         names = ["astra", "astra_bf16", "torch_cdist"]
         if DEVICE == "cpu":
@@ -25,12 +27,14 @@ def _impl_names(case):
 
 @functools.lru_cache(maxsize=2)
 def _impls(name):
-    case = next(c for c in kb.VQ_CASES + kb.ATTN_CASES if c.name == name)
-    make = kb._vq_impls if isinstance(case, kb.VQCase) else kb._attn_impls
+    case = next(c for c in kb.VQ_CASES + kb.ATTN_CASES + kb.LINEAR_CASES if c.name == name)
+    make = (kb._vq_impls if isinstance(case, kb.VQCase) else
+            kb._linear_impls if isinstance(case, kb.LinearCase) else kb._attn_impls)
     return make(case, DEVICE)[0]
 
 
-PARAMS = [(c.name, impl) for c in kb.VQ_CASES + kb.ATTN_CASES if DEVICE in c.devices
+PARAMS = [(c.name, impl) for c in kb.VQ_CASES + kb.ATTN_CASES + kb.LINEAR_CASES
+          if DEVICE in c.devices
           for impl in _impl_names(c)]
 
 

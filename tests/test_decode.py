@@ -8,6 +8,7 @@ import astra
 from astra import decode
 from astra.catalog import factories
 from astra.generation import AstraCache, AstraLayer, cache_kw, greedy
+from astra.options import INT8_GROUP
 
 FACTORIES = {"llama": factories.tiny_llama, "qwen2": factories.tiny_qwen2,
              "qwen3": factories.tiny_qwen3}
@@ -71,7 +72,8 @@ def test_fp32_steps_give_hf_forward_logits(family, devices, coded):
 
 def _rounded(model):
     """A copy of ``model`` whose projections and LM head hold their int8-rounded
-    weights (``q * scale``) in float32: what the int8 decoder multiplies by."""
+    weights (``q * scale``, one scale per 32 weights where K allows) in float32: what
+    the int8 decoder multiplies by."""
     import copy
 
     import astra_kernels as ak
@@ -80,8 +82,10 @@ def _rounded(model):
             if isinstance(mod, torch.nn.Linear)]
     m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())  # untied
     for lin in lins + [m.lm_head]:
-        q, s = ak.quantize_int8(lin.weight.detach())
-        lin.weight.data = q.float() * s[:, None]
+        N, K = lin.weight.shape
+        group = INT8_GROUP if K % INT8_GROUP == 0 else None  # as the decoder chooses
+        q, s = ak.quantize_int8(lin.weight.detach(), group)
+        lin.weight.data = (q.float().reshape(N, -1, group or K) * s.reshape(N, -1, 1)).reshape(N, K)
     return m
 
 

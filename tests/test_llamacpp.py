@@ -103,6 +103,28 @@ def test_run_passes_the_settings_and_parses(empty_cache, tmp_path, monkeypatch):
     assert r["pp_tok_s"] == llamacpp.parse_llama_bench_json(SAMPLE.read_text())["pp_tok_s"]
 
 
+def test_a_test_that_crashes_runs_again_without_repacking(empty_cache, tmp_path, monkeypatch):
+    """llama-bench killed by a signal on the prompt test (as the repacked Q4_1 kernels
+    on an AMX Xeon): that test alone runs again with ``--repack 0``; the result says so."""
+    exe = tmp_path / "llama-bench"
+    calls = str(tmp_path / "calls.txt")
+    exe.write_text(f"#!{sys.executable}\n"
+                   "import os, signal, sys, pathlib\n"
+                   f"with open({calls!r}, 'a') as f: f.write(' '.join(sys.argv[1:]) + '\\n')\n"
+                   "a = sys.argv[1:]\n"
+                   "if a[a.index('-n') + 1] == '0' and '--repack' not in a:\n"
+                   "    os.kill(os.getpid(), signal.SIGSEGV)\n"
+                   f"sys.stdout.write(pathlib.Path({str(SAMPLE)!r}).read_text())\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv(llamacpp.ENV_BINARY, str(exe))
+    monkeypatch.setattr(llamacpp, "parse_llama_bench_json",
+                        lambda text: {"pp_tok_s": 1.0, "tg_tok_s": 2.0})
+    r = llamacpp.anchor_rows(tmp_path / "m.gguf", 1, 64, 8, depth=64)
+    lines = (tmp_path / "calls.txt").read_text().splitlines()
+    assert len(lines) == 3 and "--repack 0" in lines[1] and "--repack" not in lines[2]
+    assert r["no_repack"] == ["prompt"]
+
+
 def test_failed_commands_raise_one_line(tmp_path):
     log = open(tmp_path / "log", "w")
     with pytest.raises(llamacpp.LlamaCppError, match=r"failed \(exit 3\): the last words$"):

@@ -819,29 +819,39 @@ def test_oracles_catch_a_wrong_kernel():
 
 # M, N, K: decode (M = 1), a few rows, the GEMM path (M > 16), K past one 4096 block
 INT8_SHAPES = [(1, 1, 1), (1, 7, 5), (1, 33, 100), (3, 17, 64), (16, 9, 31), (17, 40, 70),
-          (2, 300, 48), (1, 5, 4100), (40, 3, 8)]
+               (2, 300, 48), (1, 5, 4100), (40, 3, 8)]
+# scales per group of weights: (M, N, K, group)
+INT8_GROUPED = [(1, 9, 64, 32), (1, 33, 192, 64), (5, 17, 96, 32), (17, 12, 64, 32),
+                (1, 7, 4160, 64)]
 INT8_OUT_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
-def _int8_inputs(M, N, K, dtype, bias, seed=0):
+def _int8_inputs(M, N, K, dtype, bias, seed=0, group=None):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4).to(dtype)
-    w = torch.randn(N, K, generator=g)
+    w = torch.randn(N, K, generator=g) * torch.rand(1, K, generator=g)  # uneven columns
     b = torch.randn(N, generator=g) if bias else None
-    q, s = ak.quantize_int8(w)
+    q, s = ak.quantize_int8(w, group)
     return x, q, s, b
+
+
+def _int8_weight64(q, s):
+    """The weights the op multiplies by, float64: each int8 times its scale."""
+    N, K = q.shape
+    s64 = s.double().reshape(N, -1, 1)
+    return (q.double().reshape(N, s64.shape[1], -1) * s64).reshape(N, K)
 
 
 def _int8_oracle(x, q, s, b):
     """float64 ``(x @ q^T) * s + b`` and a bound on what float32 sums and the CPU
     kernel's 16-bit rounding of each row of x may add to it."""
-    x64, q64 = x.double(), q.double()
-    y = (x64 @ q64.t()) * s.double()
+    x64, w64 = x.double(), _int8_weight64(q, s)
+    y = x64 @ w64.t()
     if b is not None:
         y = y + b.double()
-    mag = (x64.abs() @ q64.abs().t()) * s.double()
+    mag = x64.abs() @ w64.abs().t()
     xs = x64.abs().amax(1, keepdim=True) / 32767  # the int16 step of each row
-    rounding = 0.5 * xs * (q64.abs().sum(1) * s.double())[None, :]
+    rounding = 0.5 * xs * w64.abs().sum(1)[None, :]
     return y, 1e-5 * mag + rounding + 1e-6
 
 
@@ -864,6 +874,21 @@ def test_int8_linear_matches_the_oracle(backend, case):
     tol = tol + ref.abs() * INT8_OUT_ULP[dtype] * (1 + 2 * backend.ulps(dtype))
     err = (y.cpu().double() - ref).abs()
     assert bool((err <= tol).all()), f"max excess {(err - tol).max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend,case",
+                         grid(INT8_GROUPED, small=lambda c: c[0] * c[1] * c[2] <= 25000),
+                         indirect=["backend"])
+def test_int8_linear_grouped_scales_match_the_oracle(backend, case):
+    """One scale per group of weights of a row (``scale [N, K/g]``)."""
+    serves(backend, "int8_linear")
+    M, N, K, group = case
+    x, q, s, b = _int8_inputs(M, N, K, torch.float32, True, group=group)
+    assert s.shape == (N, K // group)
+    dev = backend.device
+    y = ak.int8_linear(x.to(dev), q.to(dev), s.to(dev), b.to(dev)).cpu().double()
+    ref, tol = _int8_oracle(x, q, s, b)
+    assert bool(((y - ref).abs() <= tol).all()), f"max excess {((y - ref).abs() - tol).max():.3g}"
 
 
 @pytest.mark.parametrize("backend", grid(), indirect=True)
@@ -891,6 +916,19 @@ def test_int8_linear_takes_leading_dims_and_matches_int8linear():
                                rtol=1e-4, atol=1e-3)
 
 
+def test_quantize_int8_groups_round_each_group_to_its_own_scale():
+    w = torch.randn(4, 128) * torch.logspace(-2, 2, 128)[None, :]
+    q, s = ak.quantize_int8(w, 32)
+    assert s.shape == (4, 4) and bool((q.reshape(4, 4, 32).abs().amax(-1) == 127).all())
+    err = (_int8_weight64(q, s) - w.double()).abs().reshape(4, 4, 32)
+    assert bool((err <= s.double()[..., None] / 2 + 1e-6).all())
+    per_row = (_int8_weight64(*ak.quantize_int8(w)) - w.double()).abs().mean()
+    assert err.mean() < 0.5 * per_row  # columns of uneven scale: groups pay off
+    for bad in (16, 48, 100):
+        with pytest.raises(ValueError, match="group_size"):
+            ak.quantize_int8(w, bad)
+
+
 def test_quantize_int8_rounds_each_row_to_its_own_scale():
     w = torch.randn(9, 50) * torch.logspace(-3, 2, 9)[:, None]
     w[4] = 0
@@ -905,6 +943,7 @@ def test_quantize_int8_rounds_each_row_to_its_own_scale():
     (lambda x, q, s: (x, q.float(), s), TypeError, "weight has dtype"),
     (lambda x, q, s: (x[:, :5], q, s), ValueError, "last dim must be K"),
     (lambda x, q, s: (x, q, s[:3]), ValueError, "scale has shape"),
+    (lambda x, q, s: (x, q, s[:, None].expand(4, 3).contiguous()), ValueError, "scale has shape"),
     (lambda x, q, s: (x, q, s, torch.zeros(2)), ValueError, "bias has shape"),
     (lambda x, q, s: (x.long(), q, s), TypeError, "x has dtype"),
 ])

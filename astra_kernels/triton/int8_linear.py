@@ -1,6 +1,7 @@
-"""Triton kernel of ``astra::int8_linear``: ``y = (x @ w^T) * scale + bias`` with int8
-weights widened to fp32 in registers (weight-only quantization; decode reads the
-weights once per token, so their bytes are the cost).
+"""Triton kernel of ``astra::int8_linear``: ``y = x @ (w * scale)^T + bias`` with int8
+weights (one scale per row, or per group of a row) widened to fp32 in registers
+(weight-only quantization; decode reads the weights once per token, so their bytes are
+the cost).
 
 One program owns ``BLOCK_N`` output columns for ``BLOCK_M`` token rows and walks K in
 ``BLOCK_K`` steps; products are summed in fp32 by broadcasting (no ``tl.dot``: decode
@@ -16,7 +17,7 @@ from ._common import launcher, register_op
 
 
 @triton.jit
-def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
+def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NG, GS,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -28,11 +29,11 @@ def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :],
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :],
-                    mask=(rn[:, None] < N) & (rk[None, :] < K), other=0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
-    acc = acc * s[None, :]
+        wmask = (rn[:, None] < N) & (rk[None, :] < K)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0).to(tl.float32)
+        # each weight times its row's (group's) scale: NG = 1, GS = K for one per row
+        s = tl.load(s_ptr + rn[:, None] * NG + rk[None, :] // GS, mask=wmask, other=0.0)
+        acc += tl.sum(x[:, None, :] * (w * s)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0)[None, :]
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -42,16 +43,17 @@ def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
 def int8_linear_triton(x: Tensor, weight: Tensor, scale: Tensor,
                        bias: Tensor | None = None) -> Tensor:
     """Launcher. ``x [M, K]`` contiguous fp32/fp16/bf16, ``weight [N, K]`` int8,
-    ``scale [N]`` and ``bias [N]`` fp32 -> ``[M, N]`` in x's dtype."""
+    ``scale [N]`` or ``[N, K/g]`` and ``bias [N]`` fp32 -> ``[M, N]`` in x's dtype."""
     M, K = x.shape
     N = weight.shape[0]
+    ng = scale.shape[1] if scale.dim() == 2 else 1
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
     block_m = 1 if M == 1 else min(16, triton.next_power_of_2(M))
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, 32))
     launcher(_int8_linear_kernel, x)[grid](
-        x, weight, scale, bias if bias is not None else scale, y, M, N, K,
+        x, weight, scale, bias if bias is not None else scale, y, M, N, K, ng, K // ng,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=64)
     return y
 

@@ -1,5 +1,7 @@
-// astra::int8_linear on the CPU: y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] + bias[n],
-// w int8 (weight-only quantization, one scale per output row).
+// astra::int8_linear on the CPU: y[m, n] = sum_k x[m, k] * w[n, k] * scale[n, k / gs]
+// + bias[n], w int8 (weight-only quantization): one scale per output row (scale [N],
+// gs = K) or per group of gs consecutive weights of a row (scale [N, K / gs], gs a
+// multiple of 32).
 //
 // Decode multiplies one token (M = 1) by every weight matrix once: the time is the
 // weight bytes read from memory, so int8 weights read 4x fewer bytes than fp32 ones,
@@ -28,7 +30,8 @@ namespace {
 constexpr int64_t kSmallM = 16;     // up to this many rows: the streaming kernel
 constexpr int64_t kGemmRows = 512;  // weight rows dequantized per GEMM block
 // int32 partial sums: |int8 * int16| <= 127 * 32767 < 2^22, so each 32-bit lane holds
-// at least 2^9 products; a lane takes kKBlock / kW16 * 2 products per block
+// at least 2^9 products; a lane takes kKBlock / kW16 * 2 products per block. Each block's
+// (or group's) int32 sums are widened to fp32 and accumulated with the group's scale.
 constexpr int64_t kKBlock = 4096;
 // software prefetch of the next block of weight rows (reads past the matrix's end are
 // harmless: a prefetch never faults)
@@ -50,6 +53,12 @@ inline vi vdot(vi acc, vi w, vi x) {
 #endif
 }
 inline int32_t vsum(vi a) { return _mm512_reduce_add_epi32(a); }
+using vf = __m512;
+inline vf vfzero() { return _mm512_setzero_ps(); }
+inline vf vfacc(vf acc, vi s, float scale) {  // acc + float(s) * scale
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(scale), acc);
+}
+inline float vfsum(vf a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__)
 constexpr int64_t kW16 = 16;
 using vi = __m256i;
@@ -65,6 +74,17 @@ inline int32_t vsum(vi a) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
   return _mm_cvtsi128_si32(s);
 }
+using vf = __m256;
+inline vf vfzero() { return _mm256_setzero_ps(); }
+inline vf vfacc(vf acc, vi s, float scale) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(scale), acc);
+}
+inline float vfsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
 #else
 constexpr int64_t kW16 = 1;
 using vi = int32_t;
@@ -73,6 +93,10 @@ inline vi vload_x(const int16_t* p) { return *p; }
 inline vi vload_w(const int8_t* p) { return *p; }
 inline vi vdot(vi acc, vi w, vi x) { return acc + w * x; }
 inline int32_t vsum(vi a) { return a; }
+using vf = float;
+inline vf vfzero() { return 0.f; }
+inline vf vfacc(vf acc, vi s, float scale) { return acc + static_cast<float>(s) * scale; }
+inline float vfsum(vf a) { return a; }
 #endif
 
 // A token row rounded to int16: xq = round(x / xs), xs = max|x| / 32767 (1 if x = 0).
@@ -94,15 +118,27 @@ float quantize_row(const float* x, int16_t* xq, int64_t K) {
   return xs;
 }
 
+// The weights' scales: one per row (gs = K, ng = 1) or per group of gs weights.
+struct Scales {
+  const float* s;
+  int64_t gs, ng;  // group size, groups per row
+  bool per_row() const { return ng == 1; }
+  float at(int64_t n, int64_t g) const { return s[n * ng + g]; }
+};
+
 // out[m * ldo + n] for n in [n0, n0 + NB), m in [m0, m0 + MB): the dot products of
-// NB weight rows with MB quantized token rows, times both scales, plus bias.
+// NB weight rows with MB quantized token rows, times the scales, plus bias.
 template <int NB, int MB>
 inline void dot_block(const int16_t* xq, const float* xs, int64_t K, const int8_t* w,
-                      const float* scale, const float* bias, float* out, int64_t ldo,
+                      const Scales& sc, const float* bias, float* out, int64_t ldo,
                       int64_t n0, int64_t m0) {
-  float sum[NB][MB] = {};
-  for (int64_t kb = 0; kb < K; kb += kKBlock) {
-    const int64_t ke = std::min(K, kb + kKBlock);
+  const int64_t chunk = sc.per_row() ? kKBlock : sc.gs;
+  vf sum[NB][MB];
+  float tail[NB][MB] = {};
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) sum[i][j] = vfzero();
+  for (int64_t kb = 0; kb < K; kb += chunk) {
+    const int64_t ke = std::min(K, kb + chunk);
     vi acc[NB][MB];
     for (int i = 0; i < NB; ++i)
       for (int j = 0; j < MB; ++j) acc[i][j] = vzero();
@@ -120,18 +156,23 @@ inline void dot_block(const int16_t* xq, const float* xs, int64_t K, const int8_
       }
     }
     for (int i = 0; i < NB; ++i) {
+      const float g = sc.per_row() ? 1.f : sc.at(n0 + i, kb / sc.gs);
       const int8_t* wr = w + (n0 + i) * K;
       for (int j = 0; j < MB; ++j) {
-        const int16_t* xr = xq + (m0 + j) * K;
-        int32_t s = vsum(acc[i][j]);
-        for (int64_t t = k; t < ke; ++t) s += int32_t(wr[t]) * int32_t(xr[t]);
-        sum[i][j] += static_cast<float>(s);
+        sum[i][j] = vfacc(sum[i][j], acc[i][j], g);
+        if (k < ke) {  // per-row scales only (groups are whole vectors)
+          const int16_t* xr = xq + (m0 + j) * K;
+          int32_t t = 0;
+          for (int64_t c = k; c < ke; ++c) t += int32_t(wr[c]) * int32_t(xr[c]);
+          tail[i][j] += static_cast<float>(t) * g;
+        }
       }
     }
   }
   for (int i = 0; i < NB; ++i)
     for (int j = 0; j < MB; ++j) {
-      const float y = sum[i][j] * xs[m0 + j] * scale[n0 + i];
+      float y = (vfsum(sum[i][j]) + tail[i][j]) * xs[m0 + j];
+      if (sc.per_row()) y *= sc.at(n0 + i, 0);
       out[(m0 + j) * ldo + n0 + i] = bias != nullptr ? y + bias[n0 + i] : y;
     }
 }
@@ -139,7 +180,7 @@ inline void dot_block(const int16_t* xq, const float* xs, int64_t K, const int8_
 // NB weight rows starting at n0 against every token row: MB = 4 tokens at a time.
 template <int NB>
 inline void rows(const int16_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* w,
-                 const float* scale, const float* bias, float* out, int64_t N, int64_t n0) {
+                 const Scales& scale, const float* bias, float* out, int64_t N, int64_t n0) {
   int64_t m0 = 0;
   for (; m0 + 4 <= M; m0 += 4) dot_block<NB, 4>(xq, xs, K, w, scale, bias, out, N, n0, m0);
   switch (M - m0) {
@@ -151,7 +192,7 @@ inline void rows(const int16_t* xq, const float* xs, int64_t M, int64_t K, const
 }
 
 // out [M, N] fp32 for M <= kSmallM: the weights streamed once, 8 rows per block.
-void small_m(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
+void small_m(const float* x, int64_t M, int64_t K, const int8_t* w, const Scales& scale,
              const float* bias, float* out, int64_t N) {
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M);
@@ -186,9 +227,14 @@ Tensor int8_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& scal
                   weight.size(1) == x.size(1),
               "int8_linear: weight must be contiguous int8 [N, K] with K = ", x.size(1));
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(scale.dim() == 1 && scale.is_contiguous() && scale.scalar_type() == at::kFloat &&
-                  scale.size(0) == N,
-              "int8_linear: scale must be contiguous float32 [N]");
+  TORCH_CHECK((scale.dim() == 1 || scale.dim() == 2) && scale.is_contiguous() &&
+                  scale.scalar_type() == at::kFloat && scale.size(0) == N,
+              "int8_linear: scale must be contiguous float32 [N] or [N, groups]");
+  const int64_t ng = scale.dim() == 2 ? scale.size(1) : 1;
+  TORCH_CHECK(ng >= 1 && K % ng == 0 && (ng == 1 || (K / ng) % 32 == 0),
+              "int8_linear: ", ng, " scale groups do not split K = ", K,
+              " into groups of a multiple of 32");
+  const Scales sc{scale.data_ptr<float>(), ng == 1 ? K : K / ng, ng};
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK(bias->dim() == 1 && bias->is_contiguous() &&
@@ -199,14 +245,15 @@ Tensor int8_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& scal
   if (M <= kSmallM) {
     out = at::empty({M, N}, x.options().dtype(at::kFloat));
     if (out.numel() > 0)
-      small_m(xf.data_ptr<float>(), M, K, weight.data_ptr<int8_t>(), scale.data_ptr<float>(),
+      small_m(xf.data_ptr<float>(), M, K, weight.data_ptr<int8_t>(), sc,
               has_bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), N);
   } else {
     out = at::empty({M, N}, x.options().dtype(at::kFloat));
     for (int64_t n0 = 0; n0 < N; n0 += kGemmRows) {
       const int64_t nb = std::min(kGemmRows, N - n0);
-      const Tensor wf = weight.narrow(0, n0, nb).to(at::kFloat) *
-                        scale.narrow(0, n0, nb).unsqueeze(1);
+      const Tensor s = scale.narrow(0, n0, nb).reshape({nb, ng, 1});
+      const Tensor wf = (weight.narrow(0, n0, nb).to(at::kFloat).reshape({nb, ng, K / ng}) * s)
+                            .reshape({nb, K});
       Tensor y = at::mm(xf, wf.t());
       if (has_bias) y.add_(bias->narrow(0, n0, nb));
       out.narrow(1, n0, nb).copy_(y);

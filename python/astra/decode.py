@@ -8,7 +8,8 @@ of some 400 small op calls; HF's modules add their own Python around each. A
 rotary module and rotation, the patched attention's cache and kernels) as one plain
 loop, and reads the projections either as the model's own float32 weights
 (``weights="fp32"``: the logits HF's forward gives) or as per-row int8 copies
-(``weights="int8"``: :func:`astra_kernels.int8_linear`, a quarter of the bytes; the
+(``weights="int8"``: :func:`astra_kernels.int8_linear` with one scale per 32 weights of
+a row, :data:`astra.options.INT8_GROUP`; a little over a quarter of the bytes; the
 projections of a layer fused into one matrix per input, q/k/v and gate/up).
 
 :func:`install` puts a decoder in front of a patched model *instance*: its ``forward``
@@ -33,7 +34,7 @@ import astra_kernels
 from . import models as _models
 from .generation import AstraCache, attend_layer, cache_kw
 from .models._hf import base_model
-from .options import DECODE_WEIGHTS
+from .options import DECODE_WEIGHTS, INT8_GROUP
 
 __all__ = ["DECODE_WEIGHTS", "Decoder", "install", "uninstall", "installed"]
 
@@ -54,7 +55,8 @@ class _Linear:
             [w.new_zeros(w.shape[0]) if b is None else b.detach() for w, b in zip(weights, biases)])
         if int8:
             w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0]
-            self.fn = astra_kernels.Int8Linear.quantize(w, bias)
+            group = INT8_GROUP if w.shape[1] % INT8_GROUP == 0 else None  # else per row
+            self.fn = astra_kernels.Int8Linear.quantize(w, bias, group)
             self.nbytes = self.fn.nbytes
         else:
             self.fn = functools.partial(F.linear, weight=weights[0], bias=bias)

@@ -42,6 +42,8 @@ LLM_QUANTIZE = "kv"     # causal LLMs: [k; v] (+9.2% ppl against X's +11.1%, Smo
 LLM_STAGES = (64,)      # causal LLMs at G=1: a refined residual stage (16 bits: +8.3%)
 DECODE_WEIGHTS = ("fp32", "int8")  # the weights a decode step reads (astra.decode)
 GENERATE_WEIGHTS = "int8"  # generate / demo / bench e2e: a quarter of fp32's bytes per token
+INT8_GROUP = 32         # int8 decode weights: one scale per 32 weights of a row (the
+                        # GGUF block; per-row scales: KL 5x larger, bench/decode_quality.py)
 GREEDY_TOKENS = 32      # greedy tokens compared per prompt (``greedy32_identical``)
 
 # ------------------------------------------------------------------------------ fine-tuning

@@ -12,8 +12,16 @@ Cases and impl names are stable (outside checks read the JSON):
   ``astra``, ``sdpa_dequant`` (gather remote K/V, concatenate, SDPA), ``sdpa_full``
   (SDPA over full-precision K/V of the same total length); on CUDA also one row per
   Astra backend (``astra_triton``, ``astra_cuda``).
+- Weight-only int8 linear (decode: one token, SmolLM2's shapes): ``lin_down`` (M=1,
+  N=576, K=1536), ``lin_gate_up`` (N=3072, K=576: gate and up stacked), ``lin_head``
+  (N=49152, K=576). Each call reads another of 24 copies of the weights (round robin),
+  so the weights come from memory as in a decode step. Impls ``astra`` (int8, one scale
+  per 32 weights as the decoder uses, :class:`astra_kernels.Int8Linear`),
+  ``torch_fp32`` (``F.linear``, the anchor), and on CPU ``torch_int8``
+  (``torch._weight_int8pack_mm``: one scale per row, bf16 activations); ``weight_gbs``
+  beside each: weight (and scale) bytes per second.
 
-FLOPs: VQ 2·M·D·K; attention 4·B·H·d·(visible query-key pairs) — the nominal count
+FLOPs: VQ 2·M·D·K; linear 2·M·N·K; attention 4·B·H·d·(visible query-key pairs) — the nominal count
 over all Tl + Tr keys, also when the codebook-space path attends to fewer. Codes are
 trusted (``set_code_checks(False)``), as in the runner, which produces them itself.
 
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 
 import astra_kernels as ak
 
+from ..options import INT8_GROUP
 from .timing import matmul_peak_gflops, median_ms
 
 
@@ -80,7 +89,24 @@ ATTN_CASES = [
     AttnCase("attn_gpt2m", 8, 16, 64, 256, 768, torch.float16, causal=True, devices=("cuda",)),
     AttnCase("attn_long", 4, 32, 128, 2048, 6144, torch.bfloat16, devices=("cuda",)),
 ]
-CASE_NAMES = [c.name for c in VQ_CASES + ATTN_CASES]
+
+
+@dataclass
+class LinearCase:
+    name: str
+    M: int
+    N: int
+    K: int
+    devices: tuple = ("cpu", "cuda")
+
+
+LINEAR_CASES = [
+    LinearCase("lin_down", 1, 576, 1536),
+    LinearCase("lin_gate_up", 1, 3072, 576),
+    LinearCase("lin_head", 1, 49152, 576),
+]
+LINEAR_COPIES = 24  # weight copies a case cycles through (cold weights, as in decode)
+CASE_NAMES = [c.name for c in VQ_CASES + ATTN_CASES + LINEAR_CASES]
 
 
 @dataclass
@@ -190,6 +216,30 @@ def _attn_impls(case: AttnCase, device: str):
     return impls, 4.0 * B * H * d * pairs, None
 
 
+def _linear_impls(case: LinearCase, device: str):
+    gen = torch.Generator().manual_seed(0)
+    copies = max(1, min(LINEAR_COPIES, (1 << 28) // (4 * case.N * case.K)))  # <= 256 MB fp32
+    ws = [torch.randn(case.N, case.K, generator=gen).to(device) for _ in range(copies)]
+    x = torch.randn(case.M, case.K, generator=gen).to(device)
+    q8 = [ak.Int8Linear.quantize(w, group_size=INT8_GROUP) for w in ws]  # as decode runs
+    turn = [0]
+
+    def cycle(fn):
+        def run():
+            turn[0] = (turn[0] + 1) % copies
+            return fn(turn[0])
+        return run
+    impls: Dict[str, Callable] = {
+        "astra": cycle(lambda i: q8[i](x)),
+        "torch_fp32": cycle(lambda i: F.linear(x, ws[i])),
+    }
+    if device == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+        xb = x.bfloat16()
+        sb = [lin.scale.bfloat16() for lin in q8]
+        impls["torch_int8"] = cycle(lambda i: torch._weight_int8pack_mm(xb, q8[i].weight, sb[i]))
+    return impls, 2.0 * case.M * case.N * case.K, None
+
+
 def _with_backend(name: str, fn: Callable) -> Callable:
     def run():
         with ak.use_backend(name, "cuda"):
@@ -206,7 +256,7 @@ def run(device: Optional[str] = None, cases: Optional[List[str]] = None, quick: 
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         peak = matmul_peak_gflops(dtype, device, min_time=min_time)
         rows.append(Row(f"matmul_peak_{label}", "torch_mm", 0.0, peak, device))
-    todo = [c for c in VQ_CASES + ATTN_CASES
+    todo = [c for c in VQ_CASES + ATTN_CASES + LINEAR_CASES
             if device in c.devices and (not cases or c.name in cases)]
     try:
         from tqdm import tqdm
@@ -217,19 +267,25 @@ def run(device: Optional[str] = None, cases: Optional[List[str]] = None, quick: 
     ak.set_code_checks(False)
     try:
         for case in it:
-            make = _vq_impls if isinstance(case, VQCase) else _attn_impls
+            make = (_vq_impls if isinstance(case, VQCase) else
+                    _linear_impls if isinstance(case, LinearCase) else _attn_impls)
             impls, flops, quality = make(case, device)
             extra = quality() if quality else {}
             for impl, fn in impls.items():
                 ms = median_ms(fn, device, min_time=min_time)
-                rows.append(Row(case.name, impl, ms, flops / (ms * 1e-3) / 1e9, device,
-                                extra.get(impl, {})))
+                more = dict(extra.get(impl, {}))
+                if isinstance(case, LinearCase):  # weight (and scale) bytes per second
+                    per = (4 if impl == "torch_fp32" else
+                           1 + 4 / INT8_GROUP if impl == "astra" else 1)
+                    more["weight_gbs"] = case.N * case.K * per / (ms * 1e-3) / 1e9
+                rows.append(Row(case.name, impl, ms, flops / (ms * 1e-3) / 1e9, device, more))
     finally:
         ak.set_code_checks(old)
     return rows
 
 
-ANCHORS = ("faiss_flat", "faiss_pq", "torch_cdist", "sdpa_dequant", "sdpa_full")
+ANCHORS = ("faiss_flat", "faiss_pq", "torch_cdist", "sdpa_dequant", "sdpa_full", "torch_fp32",
+           "torch_int8")
 
 
 def format_table(rows: List[Row]) -> str:

@@ -284,7 +284,10 @@ def run(gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int, repeats: 
     """``llama-bench -m GGUF -t THREADS -p N -n M -r R -o json``, parsed by
     :func:`parse_llama_bench_json` (``model`` is the GGUF's file name). ``depth > 0``:
     the decode test runs after ``depth`` tokens of context (``-d``, a second run), as
-    Astra decodes after the prompt; ``decode_depth`` says which."""
+    Astra decodes after the prompt; ``decode_depth`` says which. A test that llama-bench
+    dies on by a signal is run again with ``--repack 0`` (llama.cpp's repacked CPU
+    weights): on an AMX Xeon here the 11434 build's repacked Q4_1 prompt kernels crash
+    (SIGSEGV) while decoding runs; ``no_repack`` lists the tests that needed it."""
     binary = binary or llama_bench_path()
     if binary is None:
         raise ValueError(f"llama-bench is not built (build it with `astra bench llamacpp "
@@ -295,9 +298,15 @@ def run(gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int, repeats: 
                 base + ["-p", "0", "-n", str(gen_tokens), "-d", str(depth)]]
     else:
         runs = [base[:5] + ["-p", str(prompt_tokens), "-n", str(gen_tokens)] + base[5:]]
-    entries = []
+    entries, no_repack = [], []
     for cmd in runs:
         p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False)
+        if p.returncode < 0:  # killed by a signal: once more without repacked weights
+            cmd = cmd + ["--repack", "0"]
+            no_repack.append("prompt" if cmd[cmd.index("-n") + 1] == "0" else
+                             "decode" if cmd[cmd.index("-p") + 1] == "0" else "both")
+            p = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                               check=False)
         if p.returncode != 0:
             last = next((t for t in reversed(p.stderr.splitlines()) if t.strip()),
                         "(no output)")
@@ -311,6 +320,7 @@ def run(gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int, repeats: 
     out["model"] = Path(gguf).name
     out["binary"] = str(binary)
     out["decode_depth"] = depth
+    out["no_repack"] = no_repack
     return out
 
 
@@ -331,4 +341,5 @@ def format_result(r: Dict[str, Any]) -> str:
             f"{threads} thread{'s' if threads != 1 else ''}: "
             f"prompt {r['prompt_tokens']} tok {r['pp_tok_s']:.1f} ± {r['pp_std_tok_s']:.1f} "
             f"tok/s ({r['prompt_s']:.2f} s), decode {r['gen_tokens']} tok "
-            f"{r['tg_tok_s']:.1f} ± {r['tg_std_tok_s']:.1f} tok/s")
+            f"{r['tg_tok_s']:.1f} ± {r['tg_std_tok_s']:.1f} tok/s"
+            + (f" (--repack 0 for: {', '.join(r['no_repack'])})" if r.get("no_repack") else ""))
