@@ -9,8 +9,9 @@ give identical continuations, and the mean length of the common prefix.
 
     python bench/decode_quality.py [--windows 6] [--json bench/results/decode_quality.json]
 
-``--group 32`` instead measures what int8 with one scale per 32 weights of a row would
-cost (simulated: the fp32 decoder on weights rounded that way; no kernel for it yet).
+``--group G`` instead simulates int8 with one scale per G weights of a row (the fp32
+decoder on weights rounded that way), to try group sizes without a kernel; ``--group
+576`` (= K of most projections) comes close to the per-row scales the first version had.
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ import astra
 from astra import decode
 from astra.catalog import llm
 from astra.generation import AstraCache, cache_kw
+from astra.options import INT8_GROUP
 
 PROMPT, CONT, STEP, GREEDY = 512, 128, 16, 32
 
@@ -120,7 +122,7 @@ def main() -> None:
             prefix += int(eq.cumprod(0).sum())
     res = dict(windows=args.windows, prompt_tokens=PROMPT, forced_tokens=CONT,
                int8=f"one scale per {args.group} weights (simulated)" if args.group else
-               "one scale per row (astra_kernels.int8_linear)",
+               f"the decoder's (astra_kernels.int8_linear, one scale per {INT8_GROUP} weights)",
                ppl_fp32=math.exp(stats["fp32"]["nll"] / count),
                ppl_int8=math.exp(stats["int8"]["nll"] / count),
                top1_agreement=agree / count, kl_per_token=kl / count,

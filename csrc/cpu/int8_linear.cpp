@@ -123,7 +123,6 @@ struct Scales {
   const float* s;
   int64_t gs, ng;  // group size, groups per row
   bool per_row() const { return ng == 1; }
-  float at(int64_t n, int64_t g) const { return s[n * ng + g]; }
 };
 
 // out[m * ldo + n] for n in [n0, n0 + NB), m in [m0, m0 + MB): the dot products of
@@ -132,12 +131,16 @@ template <int NB, int MB>
 inline void dot_block(const int16_t* xq, const float* xs, int64_t K, const int8_t* w,
                       const Scales& sc, const float* bias, float* out, int64_t ldo,
                       int64_t n0, int64_t m0) {
-  const int64_t chunk = sc.per_row() ? kKBlock : sc.gs;
+  const bool per_row = sc.per_row();
+  const int64_t chunk = per_row ? kKBlock : sc.gs;
+  const float* srow[NB];  // each row's scales (grouped)
   vf sum[NB][MB];
   float tail[NB][MB] = {};
-  for (int i = 0; i < NB; ++i)
+  for (int i = 0; i < NB; ++i) {
+    srow[i] = sc.s + (n0 + i) * sc.ng;
     for (int j = 0; j < MB; ++j) sum[i][j] = vfzero();
-  for (int64_t kb = 0; kb < K; kb += chunk) {
+  }
+  for (int64_t kb = 0, g = 0; kb < K; kb += chunk, ++g) {
     const int64_t ke = std::min(K, kb + chunk);
     vi acc[NB][MB];
     for (int i = 0; i < NB; ++i)
@@ -156,15 +159,15 @@ inline void dot_block(const int16_t* xq, const float* xs, int64_t K, const int8_
       }
     }
     for (int i = 0; i < NB; ++i) {
-      const float g = sc.per_row() ? 1.f : sc.at(n0 + i, kb / sc.gs);
-      const int8_t* wr = w + (n0 + i) * K;
-      for (int j = 0; j < MB; ++j) {
-        sum[i][j] = vfacc(sum[i][j], acc[i][j], g);
-        if (k < ke) {  // per-row scales only (groups are whole vectors)
+      const float gsc = per_row ? 1.f : srow[i][g];
+      for (int j = 0; j < MB; ++j) sum[i][j] = vfacc(sum[i][j], acc[i][j], gsc);
+      if (k < ke) {  // per-row scales only (groups are whole vectors)
+        const int8_t* wr = w + (n0 + i) * K;
+        for (int j = 0; j < MB; ++j) {
           const int16_t* xr = xq + (m0 + j) * K;
           int32_t t = 0;
           for (int64_t c = k; c < ke; ++c) t += int32_t(wr[c]) * int32_t(xr[c]);
-          tail[i][j] += static_cast<float>(t) * g;
+          tail[i][j] += static_cast<float>(t) * gsc;
         }
       }
     }
@@ -172,7 +175,7 @@ inline void dot_block(const int16_t* xq, const float* xs, int64_t K, const int8_
   for (int i = 0; i < NB; ++i)
     for (int j = 0; j < MB; ++j) {
       float y = (vfsum(sum[i][j]) + tail[i][j]) * xs[m0 + j];
-      if (sc.per_row()) y *= sc.at(n0 + i, 0);
+      if (per_row) y *= srow[i][0];
       out[(m0 + j) * ldo + n0 + i] = bias != nullptr ? y + bias[n0 + i] : y;
     }
 }

@@ -235,8 +235,9 @@ def _linear_impls(case: LinearCase, device: str):
     }
     if device == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
         xb = x.bfloat16()
-        sb = [lin.scale.bfloat16() for lin in q8]
-        impls["torch_int8"] = cycle(lambda i: torch._weight_int8pack_mm(xb, q8[i].weight, sb[i]))
+        rows = [ak.quantize_int8(w) for w in ws]  # torch's op takes one scale per row
+        rows = [(q, s.bfloat16()) for q, s in rows]
+        impls["torch_int8"] = cycle(lambda i: torch._weight_int8pack_mm(xb, *rows[i]))
     return impls, 2.0 * case.M * case.N * case.K, None
 
 
