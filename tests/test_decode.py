@@ -9,18 +9,7 @@ from astra import decode
 from astra.catalog import factories
 from astra.generation import AstraCache, AstraLayer, cache_kw, greedy
 from astra.options import INT8_GROUP
-
-FACTORIES = {"llama": factories.tiny_llama, "qwen2": factories.tiny_qwen2,
-             "qwen3": factories.tiny_qwen3}
-
-
-def _ids(T, seed=0):
-    return torch.randint(1, 101, (1, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _codebooks(model, G=2, K=16):
-    from astra import catalog
-    return astra.Codebooks(catalog.quick_codebooks(model, _ids(40, seed=1).repeat(2, 1), G=G, K=K))
+from tests.test_generation import FACTORIES, _codebooks, _ids
 
 
 @pytest.fixture(scope="module", params=list(FACTORIES))
@@ -169,10 +158,7 @@ def test_decoder_leaves_other_calls_to_hf(family):
 
 
 def test_decoder_refuses_other_families():
-    model = factories.tiny_gpt2() if hasattr(factories, "tiny_gpt2") else None
-    if model is None:
-        from transformers import GPT2Config, GPT2LMHeadModel
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101))
+    model = factories.tiny_gpt2()
     astra.patch(model, None, devices=1)
     try:
         with pytest.raises(ValueError, match="Llama family"):
