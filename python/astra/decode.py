@@ -114,8 +114,9 @@ class Decoder:
     Args:
         model: a model patched by :func:`astra.patch` (``llama``, ``mistral``,
             ``qwen2``, ``qwen3``).
-        weights: ``"fp32"`` (the model's own weights) or ``"int8"`` (per-row int8
-            copies of every projection and the LM head, made here).
+        weights: ``"fp32"`` (the model's own weights) or ``"int8"`` (int8 copies of
+            every projection and the LM head, one scale per
+            :data:`~astra.options.INT8_GROUP` weights of a row, made here).
     """
 
     def __init__(self, model: nn.Module, weights: str = "int8"):
