@@ -414,13 +414,17 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
     return torch.ops.astra.merge_attention(*args)
 
 
-def quantize_int8(weight: Tensor, group_size: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """Symmetric int8 quantization of a ``[N, K]`` float weight (an ``nn.Linear``
-    layout): ``(int8 [N, K], float32 scale)`` with one scale per row (``[N]``,
-    ``group_size`` None) or per ``group_size`` consecutive weights of a row
-    (``[N, K / group_size]``; a multiple of 32 that divides K): ``scale = max|group| /
-    127`` (1 for an all-zero group), ``weight ≈ q * scale``. Non-finite weights are
-    refused (``ValueError``)."""
+def quantize_int8(weight: Tensor, group_size: Optional[int] = None, *,
+                  asymmetric: bool = False) -> Tuple[Tensor, ...]:
+    """int8 quantization of a ``[N, K]`` float weight (an ``nn.Linear`` layout), one
+    scale per row (``group_size`` None: ``[N]``) or per ``group_size`` consecutive
+    weights of a row (``[N, K / group_size]``; a multiple of 32 that divides K).
+
+    Symmetric (default): ``(q, scale)``, ``weight ≈ q * scale``, ``scale = max|group| /
+    127`` (1 for an all-zero group). ``asymmetric``: ``(q, scale, offset)``, ``weight ≈ q *
+    scale + offset`` with the 256 levels spread over ``[min, max]`` of each group, which
+    holds a GGUF's Q4_1 blocks (16 evenly spaced levels per 32 weights) exactly.
+    Non-finite weights are refused (``ValueError``)."""
     _tensor("weight", weight, FLOAT_DTYPES, ndim=2)
     N, K = weight.shape
     w = weight.detach().float()
@@ -434,14 +438,22 @@ def quantize_int8(weight: Tensor, group_size: Optional[int] = None) -> Tuple[Ten
             raise ValueError(f"group_size must be a multiple of 32 that divides K={K}, "
                              f"got {group_size}")
         g = w.reshape(N, K // group_size, group_size)
+    shape = (N,) if group_size is None else (N, K // group_size)
+    if asymmetric:
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(lo))
+        q = torch.round((g - lo) / scale).clamp_(0, 255) - 128
+        offset = lo + 128 * scale
+        return (q.to(torch.int8).reshape(N, K).contiguous(), scale.reshape(shape).contiguous(),
+                offset.reshape(shape).contiguous())
     amax = g.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q = torch.round(g / scale).clamp_(-127, 127).to(torch.int8).reshape(N, K)
-    scale = scale.reshape(N) if group_size is None else scale.reshape(N, K // group_size)
-    return q.contiguous(), scale.contiguous()
+    return q.contiguous(), scale.reshape(shape).contiguous()
 
 
-def _check_int8(weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
+def _check_int8(weight: Tensor, scale: Tensor, bias: Optional[Tensor],
+                offset: Optional[Tensor] = None) -> None:
     _tensor("weight", weight, (torch.int8,), ndim=2)
     _tensor("scale", scale, FLOAT_DTYPES)
     N, K = weight.shape
@@ -450,6 +462,11 @@ def _check_int8(weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
             (ng > 1 and (K // ng) % 32):
         raise ValueError(f"scale has shape {tuple(scale.shape)}; expected [N={N}] or "
                          f"[N, groups] splitting K={K} into groups of a multiple of 32")
+    if offset is not None:
+        _tensor("offset", offset, FLOAT_DTYPES)
+        if offset.shape != scale.shape:
+            raise ValueError(f"offset has shape {tuple(offset.shape)} but scale has "
+                             f"{tuple(scale.shape)}; they must match")
     if bias is not None:
         _tensor("bias", bias, FLOAT_DTYPES, ndim=1)
         if bias.shape[0] != N:
@@ -463,10 +480,10 @@ def _check_x(x: Tensor, K: int, N: int) -> None:
                          f"x's last dim must be K")
 
 
-def int8_linear(x: Tensor, weight: Tensor, scale: Tensor,
-                bias: Optional[Tensor] = None) -> Tensor:
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                offset: Optional[Tensor] = None) -> Tensor:
     """``nn.Linear`` with int8 weights (weight-only quantization):
-    ``x @ (weight * scale[:, None])^T + bias``.
+    ``x @ (weight * scale + offset)^T + bias``, scale and offset per row or per group.
 
     Args:
         x: ``[..., K]`` float32/float16/bfloat16.
@@ -474,6 +491,8 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor,
         scale: ``[N]`` float, one per output row, or ``[N, K/g]``, one per group of
             ``g`` consecutive weights of a row (``g`` a multiple of 32).
         bias: ``[N]`` float or None.
+        offset: None, or float of scale's shape (asymmetric groups, from
+            ``quantize_int8(..., asymmetric=True)``).
 
     Returns ``[..., N]`` in x's dtype. Decode multiplies one token by each weight once,
     so its time is the weight bytes read: int8 reads 4x fewer than float32. The sums
@@ -482,15 +501,16 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor,
     dot-product instructions. Forward only (the result never requires grad).
     :class:`Int8Linear` keeps checked weights for a loop that calls this often.
     """
-    _check_int8(weight, scale, bias)
+    _check_int8(weight, scale, bias, offset)
     N, K = weight.shape
     _check_x(x, K, N)
-    _same_device(x=x, weight=weight, scale=scale, bias=bias)
+    _same_device(x=x, weight=weight, scale=scale, bias=bias, offset=offset)
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, K).contiguous()
     y = torch.ops.astra.int8_linear(
         x2, weight.contiguous(), scale.detach().float().contiguous(),
-        None if bias is None else bias.detach().float().contiguous())
+        None if bias is None else bias.detach().float().contiguous(),
+        None if offset is None else offset.detach().float().contiguous())
     return y.reshape(*lead, N)
 
 
@@ -505,23 +525,27 @@ class Int8Linear:
     where ``torch.compile`` should trace the op.
     """
 
-    def __init__(self, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None):
-        _check_int8(weight, scale, bias)
-        _same_device(weight=weight, scale=scale, bias=bias)
+    def __init__(self, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                 offset: Optional[Tensor] = None):
+        _check_int8(weight, scale, bias, offset)
+        _same_device(weight=weight, scale=scale, bias=bias, offset=offset)
         self.weight = weight.detach().contiguous()
         self.scale = scale.detach().float().contiguous()
         self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.offset = None if offset is None else offset.detach().float().contiguous()
         self.out_features, self.in_features = self.weight.shape
 
     @classmethod
     def quantize(cls, weight: Tensor, bias: Optional[Tensor] = None,
-                 group_size: Optional[int] = None) -> "Int8Linear":
-        return cls(*quantize_int8(weight, group_size), bias)
+                 group_size: Optional[int] = None, asymmetric: bool = False) -> "Int8Linear":
+        q, scale, *offset = quantize_int8(weight, group_size, asymmetric=asymmetric)
+        return cls(q, scale, bias, offset[0] if offset else None)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the int8 weight and its scales."""
-        return self.weight.numel() + 4 * self.scale.numel()
+        """Bytes of the int8 weight, its scales and offsets."""
+        per = 8 if self.offset is not None else 4
+        return self.weight.numel() + per * self.scale.numel()
 
     def __call__(self, x: Tensor) -> Tensor:
         N, K = self.out_features, self.in_features
@@ -532,5 +556,6 @@ class Int8Linear:
         x2 = x.detach().reshape(-1, K)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = _backends.impl("int8_linear", x.device.type)(x2, self.weight, self.scale, self.bias)
+        y = _backends.impl("int8_linear", x.device.type)(x2, self.weight, self.scale, self.bias,
+                                                          self.offset)
         return y.reshape(*x.shape[:-1], N)

@@ -50,9 +50,10 @@ Kernel contract (what every backend may assume):
 - ``int8_linear``: ``x [M, K]`` contiguous float (fp32/fp16/bf16), ``weight [N, K]``
   contiguous int8, ``scale`` contiguous float32 ``[N]`` (one per row) or ``[N, K/g]``
   (one per group of ``g`` weights of a row, ``g`` a multiple of 32), ``bias [N]`` (or
-  None) contiguous float32; returns ``[M, N]`` in x's dtype,
-  ``y[m, n] = sum_k x[m, k] * weight[n, k] * scale[n, k // g] + bias[n]`` summed in fp32
-  (the CPU kernel rounds rows of up to 16 tokens of x to int16 first).
+  None) contiguous float32, ``offset`` (or None) contiguous float32 of scale's shape;
+  returns ``[M, N]`` in x's dtype, ``y[m, n] = sum_k x[m, k] * (weight[n, k] *
+  scale[n, k // g] + offset[n, k // g]) + bias[n]`` summed in fp32 (the CPU kernel
+  rounds rows of up to 16 tokens of x to int16 first).
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ SCHEMAS = {
                        "Tensor? rope_sin=None) -> (Tensor, Tensor)",
     "merge_attention": "merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, "
                        "Tensor lse_b) -> (Tensor, Tensor)",
-    "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor",
+    "int8_linear": "int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias, "
+                   "Tensor? offset=None) -> Tensor",
 }
 
 
@@ -143,7 +145,7 @@ def _mixed_attention_fake(q, k, v, codes, pk, pv, remote_k, remote_v, causal=Fal
 
 
 @torch.library.register_fake("astra::int8_linear")
-def _int8_linear_fake(x, weight, scale, bias=None):
+def _int8_linear_fake(x, weight, scale, bias=None, offset=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 

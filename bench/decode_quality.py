@@ -122,7 +122,8 @@ def main() -> None:
             prefix += int(eq.cumprod(0).sum())
     res = dict(windows=args.windows, prompt_tokens=PROMPT, forced_tokens=CONT,
                int8=f"one scale per {args.group} weights (simulated)" if args.group else
-               f"the decoder's (astra_kernels.int8_linear, one scale per {INT8_GROUP} weights)",
+               f"the decoder's (astra_kernels.int8_linear: one scale, and an offset where "
+               f"it holds the weights better, per {INT8_GROUP} weights of a row)",
                ppl_fp32=math.exp(stats["fp32"]["nll"] / count),
                ppl_int8=math.exp(stats["int8"]["nll"] / count),
                top1_agreement=agree / count, kl_per_token=kl / count,

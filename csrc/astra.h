@@ -25,7 +25,7 @@ std::tuple<Tensor, Tensor> mixed_attention_cpu(
     const OptTensor& kv_pos, const OptTensor& remote_pos, c10::optional<double> scale,
     const OptTensor& rope_cos, const OptTensor& rope_sin);
 Tensor int8_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& scale,
-                       const OptTensor& bias);
+                       const OptTensor& bias, const OptTensor& offset);
 std::tuple<Tensor, Tensor> merge_attention_cpu(const Tensor& out_a, const Tensor& lse_a,
                                                const Tensor& out_b, const Tensor& lse_b);
 

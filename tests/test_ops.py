@@ -835,17 +835,21 @@ def _int8_inputs(M, N, K, dtype, bias, seed=0, group=None):
     return x, q, s, b
 
 
-def _int8_weight64(q, s):
-    """The weights the op multiplies by, float64: each int8 times its scale."""
+def _int8_weight64(q, s, o=None):
+    """The weights the op multiplies by, float64: each int8 times its scale (plus its
+    offset)."""
     N, K = q.shape
     s64 = s.double().reshape(N, -1, 1)
-    return (q.double().reshape(N, s64.shape[1], -1) * s64).reshape(N, K)
+    w = q.double().reshape(N, s64.shape[1], -1) * s64
+    if o is not None:
+        w = w + o.double().reshape(N, -1, 1)
+    return w.reshape(N, K)
 
 
-def _int8_oracle(x, q, s, b):
+def _int8_oracle(x, q, s, b, o=None):
     """float64 ``(x @ q^T) * s + b`` and a bound on what float32 sums and the CPU
     kernel's 16-bit rounding of each row of x may add to it."""
-    x64, w64 = x.double(), _int8_weight64(q, s)
+    x64, w64 = x.double(), _int8_weight64(q, s, o)
     y = x64 @ w64.t()
     if b is not None:
         y = y + b.double()
@@ -889,6 +893,46 @@ def test_int8_linear_grouped_scales_match_the_oracle(backend, case):
     y = ak.int8_linear(x.to(dev), q.to(dev), s.to(dev), b.to(dev)).cpu().double()
     ref, tol = _int8_oracle(x, q, s, b)
     assert bool(((y - ref).abs() <= tol).all()), f"max excess {((y - ref).abs() - tol).max():.3g}"
+
+
+@pytest.mark.parametrize("backend,case",
+                         grid([(1, 9, 64, 32), (3, 17, 96, 32), (1, 5, 40, None), (17, 12, 64, 32)],
+                              small=lambda c: c[0] * c[1] * c[2] <= 25000),
+                         indirect=["backend"])
+def test_int8_linear_offsets_match_the_oracle(backend, case):
+    """Asymmetric groups: ``weight * scale + offset``."""
+    serves(backend, "int8_linear")
+    M, N, K, group = case
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=g) * 3
+    w = torch.randn(N, K, generator=g) + 2 * torch.rand(N, 1, generator=g)  # off-centre rows
+    b = torch.randn(N, generator=g)
+    q, s, o = ak.quantize_int8(w, group, asymmetric=True)
+    dev = backend.device
+    y = ak.int8_linear(x.to(dev), q.to(dev), s.to(dev), b.to(dev), o.to(dev)).cpu().double()
+    ref, tol = _int8_oracle(x, q, s, b, o)
+    # the offsets meet x's int16 rounding through each group's sum
+    xs = x.double().abs().amax(1, keepdim=True) / 32767
+    per = K / o.reshape(N, -1).shape[1]  # weights per offset
+    tol = tol + 0.5 * xs * (o.double().abs().reshape(N, -1) * per).sum(1)
+    assert bool(((y - ref).abs() <= tol).all()), f"max excess {((y - ref).abs() - tol).max():.3g}"
+
+
+def test_quantize_int8_asymmetric_holds_q4_1_blocks_exactly():
+    """Blocks of 32 weights on 16 evenly spaced levels (a GGUF's Q4_1) come back exactly
+    (to float32 rounding), where symmetric int8 cannot place them."""
+    g = torch.Generator().manual_seed(2)
+    d = torch.rand(6, 4, 1, generator=g) * 0.1 + 0.01
+    m = torch.randn(6, 4, 1, generator=g) * 0.1
+    levels = torch.randint(0, 16, (6, 4, 32), generator=g)
+    levels[..., 0], levels[..., 1] = 0, 15  # each block spans its 16 levels
+    w = (levels * d + m).reshape(6, 128)
+    q, s, o = ak.quantize_int8(w, 32, asymmetric=True)
+    assert q.dtype == torch.int8 and s.shape == o.shape == (6, 4)
+    err = (_int8_weight64(q, s, o) - w.double()).abs().max()
+    assert err <= 4 * torch.finfo(torch.float32).eps * w.abs().max()
+    sym = (_int8_weight64(*ak.quantize_int8(w, 32)) - w.double()).abs().max()
+    assert sym > 1000 * err
 
 
 @pytest.mark.parametrize("backend", grid(), indirect=True)
@@ -944,6 +988,7 @@ def test_quantize_int8_rounds_each_row_to_its_own_scale():
     (lambda x, q, s: (x[:, :5], q, s), ValueError, "last dim must be K"),
     (lambda x, q, s: (x, q, s[:3]), ValueError, "scale has shape"),
     (lambda x, q, s: (x, q, s[:, None].expand(4, 3).contiguous()), ValueError, "scale has shape"),
+    (lambda x, q, s: (x, q, s, None, s[:2]), ValueError, "offset has shape"),
     (lambda x, q, s: (x, q, s, torch.zeros(2)), ValueError, "bias has shape"),
     (lambda x, q, s: (x.long(), q, s), TypeError, "x has dtype"),
 ])
@@ -951,7 +996,7 @@ def test_int8_linear_refuses_bad_input(args, err, msg):
     x, q, s, _ = _int8_inputs(2, 4, 8, torch.float32, False)
     with pytest.raises(err, match=msg):
         ak.int8_linear(*args(x, q, s))
-    if err is ValueError and "bias" not in msg and "scale" not in msg:
+    if err is ValueError and not any(a in msg for a in ("bias", "scale", "offset")):
         with pytest.raises(err, match=msg):
             ak.Int8Linear(q, s)(args(x, q, s)[0])
 

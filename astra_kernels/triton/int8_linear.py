@@ -17,8 +17,9 @@ from ._common import launcher, register_op
 
 
 @triton.jit
-def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NG, GS,
-                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, y_ptr, M, N, K, NG, GS,
+                        HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                        BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -33,7 +34,10 @@ def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NG, GS,
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=wmask, other=0).to(tl.float32)
         # each weight times its row's (group's) scale: NG = 1, GS = K for one per row
         s = tl.load(s_ptr + rn[:, None] * NG + rk[None, :] // GS, mask=wmask, other=0.0)
-        acc += tl.sum(x[:, None, :] * (w * s)[None, :, :], axis=2)
+        w = w * s
+        if HAS_OFFSET:
+            w += tl.load(o_ptr + rn[:, None] * NG + rk[None, :] // GS, mask=wmask, other=0.0)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0)[None, :]
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -41,9 +45,10 @@ def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, NG, GS,
 
 
 def int8_linear_triton(x: Tensor, weight: Tensor, scale: Tensor,
-                       bias: Tensor | None = None) -> Tensor:
+                       bias: Tensor | None = None, offset: Tensor | None = None) -> Tensor:
     """Launcher. ``x [M, K]`` contiguous fp32/fp16/bf16, ``weight [N, K]`` int8,
-    ``scale [N]`` or ``[N, K/g]`` and ``bias [N]`` fp32 -> ``[M, N]`` in x's dtype."""
+    ``scale [N]`` or ``[N, K/g]`` (``offset`` of the same shape, or None) and ``bias
+    [N]`` fp32 -> ``[M, N]`` in x's dtype."""
     M, K = x.shape
     N = weight.shape[0]
     ng = scale.shape[1] if scale.dim() == 2 else 1
@@ -53,8 +58,10 @@ def int8_linear_triton(x: Tensor, weight: Tensor, scale: Tensor,
     block_m = 1 if M == 1 else min(16, triton.next_power_of_2(M))
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, 32))
     launcher(_int8_linear_kernel, x)[grid](
-        x, weight, scale, bias if bias is not None else scale, y, M, N, K, ng, K // ng,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=64)
+        x, weight, scale, bias if bias is not None else scale,
+        offset if offset is not None else scale, y, M, N, K, ng, K // ng,
+        HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, BLOCK_M=block_m,
+        BLOCK_N=32, BLOCK_K=64)
     return y
 
 

@@ -1,7 +1,9 @@
-// astra::int8_linear on the CPU: y[m, n] = sum_k x[m, k] * w[n, k] * scale[n, k / gs]
-// + bias[n], w int8 (weight-only quantization): one scale per output row (scale [N],
-// gs = K) or per group of gs consecutive weights of a row (scale [N, K / gs], gs a
-// multiple of 32).
+// astra::int8_linear on the CPU: y[m, n] = sum_k x[m, k] * (w[n, k] * scale[n, k / gs] +
+// offset[n, k / gs]) + bias[n], w int8 (weight-only quantization): one scale (and
+// offset) per output row (scale [N], gs = K) or per group of gs consecutive weights of a
+// row (scale [N, K / gs], gs a multiple of 32). The offsets (asymmetric groups, e.g. a
+// GGUF's Q4_1 blocks, which they hold exactly) add sum_g offset[n, g] * xsum[m, g], the
+// sums of each token row's groups computed once per row.
 //
 // Decode multiplies one token (M = 1) by every weight matrix once: the time is the
 // weight bytes read from memory, so int8 weights read 4x fewer bytes than fp32 ones,
@@ -118,10 +120,13 @@ float quantize_row(const float* x, int16_t* xq, int64_t K) {
   return xs;
 }
 
-// The weights' scales: one per row (gs = K, ng = 1) or per group of gs weights.
+// The weights' scales (and offsets, or null): one per row (gs = K, ng = 1) or per group
+// of gs weights; xsum [M, ng]: each quantized token row's group sums (with offsets).
 struct Scales {
   const float* s;
   int64_t gs, ng;  // group size, groups per row
+  const float* off = nullptr;
+  const float* xsum = nullptr;
   bool per_row() const { return ng == 1; }
 };
 
@@ -174,8 +179,16 @@ inline void dot_block(const int16_t* xq, const float* xs, int64_t K, const int8_
   }
   for (int i = 0; i < NB; ++i)
     for (int j = 0; j < MB; ++j) {
-      float y = (vfsum(sum[i][j]) + tail[i][j]) * xs[m0 + j];
+      float y = vfsum(sum[i][j]) + tail[i][j];
       if (per_row) y *= srow[i][0];
+      if (sc.off != nullptr) {  // sum_g offset[n, g] * xsum[m, g]
+        const float* o = sc.off + (n0 + i) * sc.ng;
+        const float* xg = sc.xsum + (m0 + j) * sc.ng;
+        float t = 0.f;
+        for (int64_t g = 0; g < sc.ng; ++g) t += o[g] * xg[g];
+        y += t;
+      }
+      y *= xs[m0 + j];
       out[(m0 + j) * ldo + n0 + i] = bias != nullptr ? y + bias[n0 + i] : y;
     }
 }
@@ -195,11 +208,22 @@ inline void rows(const int16_t* xq, const float* xs, int64_t M, int64_t K, const
 }
 
 // out [M, N] fp32 for M <= kSmallM: the weights streamed once, 8 rows per block.
-void small_m(const float* x, int64_t M, int64_t K, const int8_t* w, const Scales& scale,
+void small_m(const float* x, int64_t M, int64_t K, const int8_t* w, Scales scale,
              const float* bias, float* out, int64_t N) {
   std::vector<int16_t> xq(M * K);
-  std::vector<float> xs(M);
+  std::vector<float> xs(M), xsum;
   for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row(x + m * K, xq.data() + m * K, K);
+  if (scale.off != nullptr) {  // each quantized row's group sums, exact in int64
+    xsum.resize(M * scale.ng);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < scale.ng; ++g) {
+        int64_t t = 0;
+        const int16_t* r = xq.data() + m * K + g * scale.gs;
+        for (int64_t k = 0; k < scale.gs; ++k) t += r[k];
+        xsum[m * scale.ng + g] = static_cast<float>(t);
+      }
+    scale.xsum = xsum.data();
+  }
   constexpr int64_t kRows = 8;
   const int64_t blocks = cpu::ceil_div(N, kRows);
   // >= 64 KiB of weights per task, so that threads do not split tiny matrices
@@ -221,7 +245,7 @@ void small_m(const float* x, int64_t M, int64_t K, const int8_t* w, const Scales
 }  // namespace
 
 Tensor int8_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& scale,
-                       const OptTensor& bias) {
+                       const OptTensor& bias, const OptTensor& offset) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                    x.scalar_type() == at::kBFloat16),
@@ -237,7 +261,14 @@ Tensor int8_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& scal
   TORCH_CHECK(ng >= 1 && K % ng == 0 && (ng == 1 || (K / ng) % 32 == 0),
               "int8_linear: ", ng, " scale groups do not split K = ", K,
               " into groups of a multiple of 32");
-  const Scales sc{scale.data_ptr<float>(), ng == 1 ? K : K / ng, ng};
+  Scales sc{scale.data_ptr<float>(), ng == 1 ? K : K / ng, ng};
+  const bool has_offset = offset.has_value() && offset->defined();
+  if (has_offset) {
+    TORCH_CHECK(offset->sizes() == scale.sizes() && offset->is_contiguous() &&
+                    offset->scalar_type() == at::kFloat,
+                "int8_linear: offset must be contiguous float32 of scale's shape");
+    sc.off = offset->data_ptr<float>();
+  }
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK(bias->dim() == 1 && bias->is_contiguous() &&
@@ -255,8 +286,9 @@ Tensor int8_linear_cpu(const Tensor& x, const Tensor& weight, const Tensor& scal
     for (int64_t n0 = 0; n0 < N; n0 += kGemmRows) {
       const int64_t nb = std::min(kGemmRows, N - n0);
       const Tensor s = scale.narrow(0, n0, nb).reshape({nb, ng, 1});
-      const Tensor wf = (weight.narrow(0, n0, nb).to(at::kFloat).reshape({nb, ng, K / ng}) * s)
-                            .reshape({nb, K});
+      Tensor wf = weight.narrow(0, n0, nb).to(at::kFloat).reshape({nb, ng, K / ng}) * s;
+      if (has_offset) wf.add_(offset->narrow(0, n0, nb).reshape({nb, ng, 1}));
+      wf = wf.reshape({nb, K});
       Tensor y = at::mm(xf, wf.t());
       if (has_bias) y.add_(bias->narrow(0, n0, nb));
       out.narrow(1, n0, nb).copy_(y);

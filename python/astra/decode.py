@@ -9,8 +9,11 @@ rotary module and rotation, the patched attention's cache and kernels) as one pl
 loop, and reads the projections either as the model's own float32 weights
 (``weights="fp32"``: the logits HF's forward gives) or as per-row int8 copies
 (``weights="int8"``: :func:`astra_kernels.int8_linear` with one scale per 32 weights of
-a row, :data:`astra.options.INT8_GROUP`; a little over a quarter of the bytes; the
-projections of a layer fused into one matrix per input, q/k/v and gate/up).
+a row, :data:`astra.options.INT8_GROUP`, and an offset per group where that holds the
+weights more closely; a little over a quarter of the bytes; the projections of a layer
+fused into one matrix per input, q/k/v and gate/up). For a GGUF's Q4_1 and Q8_0 weights
+(SmolLM2's) both forms hold the file's values exactly, so int8 decodes with the file's
+own weights.
 
 :func:`install` puts a decoder in front of a patched model *instance*: its ``forward``
 serves the decode steps of an :class:`~astra.generation.AstraCache` (a cache that holds
@@ -55,8 +58,7 @@ class _Linear:
             [w.new_zeros(w.shape[0]) if b is None else b.detach() for w, b in zip(weights, biases)])
         if int8:
             w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0]
-            group = INT8_GROUP if w.shape[1] % INT8_GROUP == 0 else None  # else per row
-            self.fn = astra_kernels.Int8Linear.quantize(w, bias, group)
+            self.fn = _int8(w, bias)
             self.nbytes = self.fn.nbytes
         else:
             self.fn = functools.partial(F.linear, weight=weights[0], bias=bias)
@@ -64,6 +66,26 @@ class _Linear:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x)
+
+
+def _int8(w: Tensor, bias: Optional[Tensor]) -> "astra_kernels.Int8Linear":
+    """``w`` as int8 with one scale per :data:`~astra.options.INT8_GROUP` weights of a row
+    (per row where K does not split), symmetric or with an offset per group, whichever
+    holds ``w`` more closely: a GGUF's Q4_1 blocks (16 levels from a minimum) come back
+    exactly with offsets, its Q8_0 blocks (symmetric) without."""
+    w = w.detach()
+    group = INT8_GROUP if w.shape[1] % INT8_GROUP == 0 else None
+    best, best_err = None, None
+    for asym in (False, True):
+        lin = astra_kernels.Int8Linear.quantize(w, bias, group, asymmetric=asym)
+        s = lin.scale.reshape(w.shape[0], -1, 1)
+        back = lin.weight.float().reshape(w.shape[0], s.shape[1], -1) * s
+        if lin.offset is not None:
+            back = back + lin.offset.reshape(w.shape[0], -1, 1)
+        err = float((back.reshape(w.shape) - w.float()).abs().max())
+        if best_err is None or err < best_err:
+            best, best_err = lin, err
+    return best
 
 
 def _group(pairs, int8: bool) -> List[_Linear]:
@@ -115,8 +137,8 @@ class Decoder:
         model: a model patched by :func:`astra.patch` (``llama``, ``mistral``,
             ``qwen2``, ``qwen3``).
         weights: ``"fp32"`` (the model's own weights) or ``"int8"`` (int8 copies of
-            every projection and the LM head, one scale per
-            :data:`~astra.options.INT8_GROUP` weights of a row, made here).
+            every projection and the LM head, one scale, and an offset where it helps,
+            per :data:`~astra.options.INT8_GROUP` weights of a row, made here).
     """
 
     def __init__(self, model: nn.Module, weights: str = "int8"):
