@@ -39,7 +39,7 @@ from .generation import AstraCache, attend_layer, cache_kw
 from .models._hf import base_model
 from .options import DECODE_WEIGHTS, INT8_GROUP
 
-__all__ = ["DECODE_WEIGHTS", "Decoder", "install", "uninstall", "installed"]
+__all__ = ["DECODE_WEIGHTS", "Decoder", "install", "uninstall", "installed", "int8_weights"]
 
 _ATTR = "_astra_decoder"
 MAX_STEP_TOKENS = 16  # a call with more new tokens than this is a prefill: HF's forward
@@ -58,7 +58,7 @@ class _Linear:
             [w.new_zeros(w.shape[0]) if b is None else b.detach() for w, b in zip(weights, biases)])
         if int8:
             w = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0]
-            self.fn = _int8(w, bias)
+            self.fn = int8_weights(w, bias)
             self.nbytes = self.fn.nbytes
         else:
             self.fn = functools.partial(F.linear, weight=weights[0], bias=bias)
@@ -68,7 +68,7 @@ class _Linear:
         return self.fn(x)
 
 
-def _int8(w: Tensor, bias: Optional[Tensor]) -> "astra_kernels.Int8Linear":
+def int8_weights(w: Tensor, bias: Optional[Tensor]) -> "astra_kernels.Int8Linear":
     """``w`` as int8 with one scale per :data:`~astra.options.INT8_GROUP` weights of a row
     (per row where K does not split), symmetric or with an offset per group, whichever
     holds ``w`` more closely: a GGUF's Q4_1 blocks (16 levels from a minimum) come back

@@ -15,8 +15,9 @@ Cases and impl names are stable (outside checks read the JSON):
 - Weight-only int8 linear (decode: one token, SmolLM2's shapes): ``lin_down`` (M=1,
   N=576, K=1536), ``lin_gate_up`` (N=3072, K=576: gate and up stacked), ``lin_head``
   (N=49152, K=576). Each call reads another of 24 copies of the weights (round robin),
-  so the weights come from memory as in a decode step. Impls ``astra`` (int8, one scale
-  per 32 weights as the decoder uses, :class:`astra_kernels.Int8Linear`),
+  so the weights come from memory as in a decode step. Impls ``astra`` (int8 as the
+  decoder makes them, :func:`astra.decode.int8_weights`: a scale per 32 weights; on
+  these random weights symmetric, so no offsets),
   ``torch_fp32`` (``F.linear``, the anchor), and on CPU ``torch_int8``
   (``torch._weight_int8pack_mm``: one scale per row, bf16 activations); ``weight_gbs``
   beside each: weight (and scale) bytes per second.
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 import astra_kernels as ak
 
+from ..decode import int8_weights
 from ..options import INT8_GROUP
 from .timing import matmul_peak_gflops, median_ms
 
@@ -221,7 +223,7 @@ def _linear_impls(case: LinearCase, device: str):
     copies = max(1, min(LINEAR_COPIES, (1 << 28) // (4 * case.N * case.K)))  # <= 256 MB fp32
     ws = [torch.randn(case.N, case.K, generator=gen).to(device) for _ in range(copies)]
     x = torch.randn(case.M, case.K, generator=gen).to(device)
-    q8 = [ak.Int8Linear.quantize(w, group_size=INT8_GROUP) for w in ws]  # as decode runs
+    q8 = [int8_weights(w, None) for w in ws]  # as the decoder makes them
     turn = [0]
 
     def cycle(fn):
