@@ -192,8 +192,51 @@ void test_merge() {
 
 }  // namespace
 
+// y = sum_k x * (w * scale + offset) + bias in double, per-row or grouped scales; the
+// kernel rounds rows of up to 16 tokens to int16, so the bound includes that rounding.
+void test_int8_linear() {
+  auto lin = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&)>(
+      "astra_C::int8_linear");
+  at::manual_seed(0);
+  struct Case { int64_t M, N, K, ng; bool offset, bias; };
+  for (Case c : {Case{1, 9, 64, 2, false, true}, Case{1, 13, 70, 1, false, false},
+                 Case{3, 17, 96, 3, true, true}, Case{5, 8, 4100, 1, true, false},
+                 Case{1, 33, 192, 6, true, false}, Case{20, 7, 64, 2, true, true}}) {
+    Tensor x = at::randn({c.M, c.K});
+    Tensor w = at::randint(-128, 128, {c.N, c.K}, at::kChar);
+    Tensor sc = at::rand({c.N, c.ng}) + 0.1;
+    Tensor off = at::randn({c.N, c.ng});
+    Tensor b = at::randn({c.N});
+    if (c.ng == 1) sc = sc.reshape({c.N}), off = off.reshape({c.N});
+    Tensor y = lin.call(x, w, sc, c.bias ? OptT(b) : OptT(), c.offset ? OptT(off) : OptT());
+    const int64_t gs = c.K / c.ng;
+    auto xa = x.accessor<float, 2>();
+    auto wa = w.accessor<int8_t, 2>();
+    const float* s = sc.data_ptr<float>();
+    const float* o = off.data_ptr<float>();
+    for (int64_t m = 0; m < c.M; ++m) {
+      double amax = 0;
+      for (int64_t k = 0; k < c.K; ++k) amax = std::max(amax, std::abs(double(xa[m][k])));
+      for (int64_t n = 0; n < c.N; ++n) {
+        double ref = c.bias ? b[n].item<double>() : 0.0, mag = 0;
+        for (int64_t k = 0; k < c.K; ++k) {
+          const int64_t g = k / gs;
+          const double wk = wa[n][k] * double(s[n * c.ng + g]) + (c.offset ? o[n * c.ng + g] : 0);
+          ref += xa[m][k] * wk;
+          mag += std::abs(wk);
+        }
+        const double tol = 0.5 * amax / 32767 * mag + 1e-5 * mag * amax + 1e-4;
+        const double got = y[m][n].item<double>();
+        EXPECT(std::abs(got - ref) <= tol, "int8_linear M=%ld N=%ld K=%ld ng=%ld [%ld,%ld]: "
+               "%g vs %g", c.M, c.N, c.K, c.ng, m, n, got, ref);
+      }
+    }
+  }
+}
+
 int main() {
   test_pack();
+  test_int8_linear();
   test_vq_encode();
   test_mixed_attention();
   test_merge();
