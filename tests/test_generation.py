@@ -97,6 +97,23 @@ def test_remote_tokens_cost_their_packed_codes():
         assert layer.codes is not None and layer.remote_kv is None
 
 
+def test_residual_stages_pack_as_one_mixed_radix_code():
+    """Stages of 16 and 4 words: one 6-bit number per token (16 x 4 = 64), not 4 + 4
+    bits; unpacking gives the columns back."""
+    from astra.generation import PackedCodes
+    g = torch.Generator().manual_seed(0)
+    codes = torch.stack([torch.randint(0, 16, (2, 37), generator=g),
+                         torch.randint(0, 4, (2, 37), generator=g)], -1)
+    p = PackedCodes.pack(codes, [16, 4])
+    assert p.bits == 6 and p.nbytes == math.ceil(2 * 37 * 6 / 8)
+    assert torch.equal(p.unpack(), codes.int())
+    even = PackedCodes.pack(codes, 16)  # one size for all columns: 2 x 4 bits as before
+    assert even.bits == 8 and torch.equal(even.unpack(), codes.int())
+    lost = codes.clone()
+    lost[0, 3, 1] = -1  # a missing code: kept as int32, unpacked as it is
+    assert PackedCodes.pack(lost, [16, 4]).bits == 0
+
+
 def test_hf_cache_cannot_decode_for_several_devices():
     from transformers.cache_utils import DynamicCache
     model = factories.tiny_llama()

@@ -21,6 +21,7 @@ layer's tokens.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,24 +40,50 @@ __all__ = ["AstraCache", "AstraLayer", "greedy", "record", "record_simulated",
 @dataclass
 class PackedCodes:
     """Remote codes ``[B, Tr, G]`` bit-packed at ``bits`` per code (``payload`` uint8),
-    or kept as int32 (``bits`` 0) where some are -1 (missing)."""
+    or kept as int32 (``bits`` 0) where some are -1 (missing). ``sizes``: the columns'
+    codebook sizes when they are packed as one mixed-radix number per token
+    (``((c0 * K1) + c1) * K2 + ...``, ``ceil(log2(K0 * K1 * ...))`` bits: a 1,024-word
+    stage and a 64-word one take 16 bits, not 2 x 10)."""
 
     payload: Tensor
     shape: tuple
     bits: int
+    sizes: Optional[tuple] = None
 
     @classmethod
-    def pack(cls, codes: Tensor, K: int) -> "PackedCodes":
-        bits = max(1, (K - 1).bit_length())
+    def pack(cls, codes: Tensor, sizes) -> "PackedCodes":
+        """``codes [B, Tr, G]``; ``sizes``: each column's codebook size (an int: all)."""
+        G = codes.shape[-1]
+        sizes = tuple(int(k) for k in (sizes if isinstance(sizes, (list, tuple)) else
+                                       [sizes] * G))
         codes = codes.to(torch.int32).contiguous()
-        if bits > 16 or bool((codes < 0).any()):
+        if bool((codes < 0).any()):
+            return cls(codes, tuple(codes.shape), 0)
+        total = math.prod(sizes)
+        if G > 1 and total <= 1 << 16:
+            combined = codes[..., :1].to(torch.int64)
+            for g in range(1, G):
+                combined = combined * sizes[g] + codes[..., g:g + 1]
+            bits = max(1, (total - 1).bit_length())
+            return cls(astra_kernels.pack_codes(combined.to(torch.int32), bits),
+                       tuple(codes.shape), bits, sizes)
+        bits = max(1, (max(sizes) - 1).bit_length())
+        if bits > 16:
             return cls(codes, tuple(codes.shape), 0)
         return cls(astra_kernels.pack_codes(codes, bits), tuple(codes.shape), bits)
 
     def unpack(self) -> Tensor:
         if self.bits == 0:
             return self.payload
-        return astra_kernels.unpack_codes(self.payload, list(self.shape), self.bits)
+        if self.sizes is None:
+            return astra_kernels.unpack_codes(self.payload, list(self.shape), self.bits)
+        rest = astra_kernels.unpack_codes(self.payload, [*self.shape[:-1], 1], self.bits)
+        cols = []
+        for k in reversed(self.sizes[1:]):
+            cols.append(rest % k)
+            rest = rest // k
+        cols.append(rest)
+        return torch.cat(cols[::-1], -1)
 
     @property
     def nbytes(self) -> int:
@@ -229,7 +256,10 @@ def _codes_or_kv(m, codes: Optional[Tensor], kv_fn) -> tuple:
     kt = m.kernel_tables() if codes is not None else None
     if kt is not None:
         cols = codes if kt.cols is None else codes[..., kt.cols]
-        return PackedCodes.pack(cols, int(kt.pk.shape[1])), None
+        sizes = int(kt.pk.shape[1])  # grouped: every column one codebook's size
+        if m.stage_sizes is not None:  # residual: each stage its own
+            sizes = [m.stage_sizes[c] for c in (kt.cols or range(len(m.stage_sizes)))]
+        return PackedCodes.pack(cols, sizes), None
     return None, KVSource(*kv_fn())
 
 
