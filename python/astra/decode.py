@@ -4,10 +4,10 @@ int8 weights.
 After the prefill, generation is a loop of one-token steps. Each step multiplies one
 token by every weight matrix once, so its time is the weight bytes read plus the cost
 of some 400 small op calls; HF's modules add their own Python around each. A
-:class:`Decoder` runs the same arithmetic as the model's layers (its own RMSNorm modules,
-rotary module and rotation, the patched attention's cache and kernels) as one plain
-loop, and reads the projections either as the model's own float32 weights
-(``weights="fp32"``: the logits HF's forward gives) or as per-row int8 copies
+:class:`Decoder` runs the same arithmetic as the model's layers (RMSNorm as one
+``F.rms_norm``, the model's rotary module and rotation, the patched attention's cache
+and kernels) as one plain loop, and reads the projections either as the model's own
+float32 weights (``weights="fp32"``: the logits HF's forward gives) or as int8 copies
 (``weights="int8"``: :func:`astra_kernels.int8_linear` with one scale per 32 weights of
 a row, :data:`astra.options.INT8_GROUP`, and an offset per group where that holds the
 weights more closely; a little over a quarter of the bytes; the projections of a layer
@@ -47,7 +47,7 @@ MAX_STEP_TOKENS = 16  # a call with more new tokens than this is a prefill: HF's
 
 class _Linear:
     """``x W^T + b`` over one or more ``nn.Linear`` weights stacked by rows: the
-    module's own weight (float), or int8 rows with one scale each."""
+    module's own weight (float), or their int8 copy (:func:`int8_weights`)."""
 
     def __init__(self, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                  int8: bool):
@@ -72,7 +72,13 @@ def int8_weights(w: Tensor, bias: Optional[Tensor]) -> "astra_kernels.Int8Linear
     """``w`` as int8 with one scale per :data:`~astra.options.INT8_GROUP` weights of a row
     (per row where K does not split), symmetric or with an offset per group, whichever
     holds ``w`` more closely: a GGUF's Q4_1 blocks (16 levels from a minimum) come back
-    exactly with offsets, its Q8_0 blocks (symmetric) without."""
+    exactly with offsets, its Q8_0 blocks (symmetric) without.
+
+    Args:
+        w: ``[N, K]`` float weight (``nn.Linear`` layout).
+        bias: ``[N]`` or None, kept in float32.
+
+    Returns the :class:`astra_kernels.Int8Linear` to call on ``x [..., K]``."""
     w = w.detach()
     group = INT8_GROUP if w.shape[1] % INT8_GROUP == 0 else None
     best, best_err = None, None
