@@ -267,6 +267,15 @@ def test_cli_generate_refuses_bad_input_in_one_line(argv, msg, capsys):
     assert msg in err and len(err.splitlines()) == 1
 
 
+def test_cli_generate_refuses_unknown_decode_weights(capsys):
+    from astra.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "x y z", "--decode-weights", "int4"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--decode-weights: invalid choice: 'int4'" in err and len(err.splitlines()) == 1
+
+
 def test_bench_e2e_decode_rows(tiny_folder, tmp_path, monkeypatch, capsys):
     """``astra bench e2e --decode N``: generation rows for single and astra beside HF's
     own generate, on the same prompt."""
