@@ -541,6 +541,10 @@ class Int8Linear:
         q, scale, *offset = quantize_int8(weight, group_size, asymmetric=asymmetric)
         return cls(q, scale, bias, offset[0] if offset else None)
 
+    def dequantize(self) -> Tensor:
+        """The float32 ``[N, K]`` weight this stands for (``weight * scale + offset``)."""
+        return reference.int8_weight(self.weight, self.scale, self.offset)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the int8 weight, its scales and offsets."""

@@ -195,19 +195,23 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor,
     return out.to(out_a.dtype), lse
 
 
-def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
-                offset: Optional[Tensor] = None) -> Tensor:
-    """``y = x @ (weight * scale + offset)^T + bias`` in float32 with int8 ``weight
-    [N, K]`` (weight-only quantization): ``scale`` (and ``offset``) ``[N]`` one per
-    output row, or ``[N, K/g]`` one per group of ``g`` consecutive weights of a row;
-    ``[M, N]`` in x's dtype."""
+def int8_weight(weight: Tensor, scale: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+    """The float32 weight ``[N, K]`` an int8 one stands for: ``weight * scale + offset``
+    with ``scale`` (and ``offset``) ``[N]`` one per row, or ``[N, K/g]`` one per group of
+    ``g`` consecutive weights of a row."""
     N, K = weight.shape
     s = scale.float().reshape(N, -1, 1)
     w = weight.float().reshape(N, s.shape[1], -1) * s
     if offset is not None:
         w = w + offset.float().reshape(N, -1, 1)
-    w = w.reshape(N, K)
-    y = x.float() @ w.t()
+    return w.reshape(N, K)
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                offset: Optional[Tensor] = None) -> Tensor:
+    """``y = x @ (weight * scale + offset)^T + bias`` in float32 with int8 ``weight
+    [N, K]`` (weight-only quantization, :func:`int8_weight`); ``[M, N]`` in x's dtype."""
+    y = x.float() @ int8_weight(weight, scale, offset).t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

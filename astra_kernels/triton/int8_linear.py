@@ -1,5 +1,6 @@
-"""Triton kernel of ``astra::int8_linear``: ``y = x @ (w * scale)^T + bias`` with int8
-weights (one scale per row, or per group of a row) widened to fp32 in registers
+"""Triton kernel of ``astra::int8_linear``: ``y = x @ (w * scale + offset)^T + bias`` with
+int8 weights (a scale, and optionally an offset, per row or per group of a row) widened
+to fp32 in registers
 (weight-only quantization; decode reads the weights once per token, so their bytes are
 the cost).
 

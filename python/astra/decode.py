@@ -84,11 +84,7 @@ def int8_weights(w: Tensor, bias: Optional[Tensor]) -> "astra_kernels.Int8Linear
     best, best_err = None, None
     for asym in (False, True):
         lin = astra_kernels.Int8Linear.quantize(w, bias, group, asymmetric=asym)
-        s = lin.scale.reshape(w.shape[0], -1, 1)
-        back = lin.weight.float().reshape(w.shape[0], s.shape[1], -1) * s
-        if lin.offset is not None:
-            back = back + lin.offset.reshape(w.shape[0], -1, 1)
-        err = float((back.reshape(w.shape) - w.float()).abs().max())
+        err = float((lin.dequantize() - w.float()).abs().max())
         if best_err is None or err < best_err:
             best, best_err = lin, err
     return best

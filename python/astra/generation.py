@@ -394,18 +394,18 @@ def attend_layer(m, q: Tensor, k: Tensor, v: Tensor, layer, pos: Tensor) -> Tens
     if kw["causal"]:
         kw.update(q_pos=pos, kv_pos=kv_pos,
                   remote_pos=layer.remote_pos if layer.n_remote else pos[:0])
-    if layer.codes is not None and isinstance(layer, AstraLayer) and T == 1 and \
-            q.dtype == torch.float32 and not torch.is_grad_enabled():
+    kt = m.kernel_tables() if layer.codes is not None else None
+    if kt is not None and T == 1 and q.dtype == kt.pk.dtype == torch.float32 and \
+            not torch.is_grad_enabled():
         # a decode step: every input is already in the op's form (positions int64, codes
         # int32 in range, tables and rope fp32, contiguous), so the op is called without
         # the wrapper's checks, which cost as much as the kernel's own time per layer
-        kt, r = m.kernel_tables(), layer.rope
+        r = layer.rope
         o = torch.ops.astra.mixed_attention(
             q.contiguous(), keys, values, layer.codes.unpack(), kt.pk, kt.pv, None, None,
             True, pos, kv_pos, layer.remote_pos, float(m.scale),
             None if r is None else r.cos, None if r is None else r.sin)[0]
     elif layer.codes is not None:
-        kt = m.kernel_tables()
         r = layer.rope
         extra = {} if r is None else dict(rope_cos=r.cos, rope_sin=r.sin)
         o = astra_kernels.mixed_attention(q, keys, values, layer.codes.unpack(),

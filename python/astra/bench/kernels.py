@@ -45,7 +45,6 @@ import torch.nn.functional as F
 import astra_kernels as ak
 
 from ..decode import int8_weights
-from ..options import INT8_GROUP
 from .timing import matmul_peak_gflops, median_ms
 
 
@@ -240,7 +239,11 @@ def _linear_impls(case: LinearCase, device: str):
         rows = [ak.quantize_int8(w) for w in ws]  # torch's op takes one scale per row
         rows = [(q, s.bfloat16()) for q, s in rows]
         impls["torch_int8"] = cycle(lambda i: torch._weight_int8pack_mm(xb, *rows[i]))
-    return impls, 2.0 * case.M * case.N * case.K, None
+    # the bytes each impl reads per call (weights, scales, offsets), for ``weight_gbs``
+    nbytes = {"astra": q8[0].nbytes, "torch_fp32": 4 * case.N * case.K,
+              "torch_int8": case.N * case.K + 2 * case.N}
+    return (impls, 2.0 * case.M * case.N * case.K,
+            lambda: {k: {"weight_bytes": v} for k, v in nbytes.items()})
 
 
 def _with_backend(name: str, fn: Callable) -> Callable:
@@ -277,10 +280,8 @@ def run(device: Optional[str] = None, cases: Optional[List[str]] = None, quick: 
             for impl, fn in impls.items():
                 ms = median_ms(fn, device, min_time=min_time)
                 more = dict(extra.get(impl, {}))
-                if isinstance(case, LinearCase):  # weight (and scale) bytes per second
-                    per = (4 if impl == "torch_fp32" else
-                           1 + 4 / INT8_GROUP if impl == "astra" else 1)
-                    more["weight_gbs"] = case.N * case.K * per / (ms * 1e-3) / 1e9
+                if "weight_bytes" in more:  # linear cases: bytes read per second
+                    more["weight_gbs"] = more.pop("weight_bytes") / (ms * 1e-3) / 1e9
                 rows.append(Row(case.name, impl, ms, flops / (ms * 1e-3) / 1e9, device, more))
     finally:
         ak.set_code_checks(old)
